@@ -1,0 +1,1 @@
+"""Built-in run configurations (``fedms-jax run --config NAME``)."""

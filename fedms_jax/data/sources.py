@@ -1,0 +1,135 @@
+"""Image-classification data sources: embedded offline set, TFDS, synthetic.
+
+Every source returns ``(train, test)`` ``Dataset``s of uint8 images [N, H, W, C] and int32
+labels [N]; resizing and normalisation happen later, inside the jitted step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """images: uint8 [N, H, W, C]; labels: int32 [N] in [0, num_classes)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"dataset images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}"
+            )
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"dataset labels must have shape [{self.images.shape[0]}], got {self.labels.shape}"
+            )
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            bad = self.labels[(self.labels < 0) | (self.labels >= self.num_classes)][0]
+            raise ValueError(f"label {int(bad)} is out of range [0, {self.num_classes})")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/test index split."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """scikit-learn's digits (1797 real 8x8 grey handwritten digits, shipped in its wheel)."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = d.target.astype(np.int32)
+    names = tuple(str(n) for n in d.target_names)
+    tr, te = _split(images, labels, test_fraction, seed)
+    return Dataset(images[tr], labels[tr], names), Dataset(images[te], labels[te], names)
+
+
+def load_synthetic(
+    num_train: int = 1024,
+    num_test: int = 256,
+    num_classes: int = 10,
+    image_size: int = 8,
+    channels: int = 3,
+    noise: float = 0.35,
+    seed: int = 0,
+) -> tuple[Dataset, Dataset]:
+    """A learnable synthetic task: each class is a fixed random template plus pixel noise."""
+    rng = np.random.default_rng(seed)
+    templates = rng.uniform(0.0, 1.0, (num_classes, image_size, image_size, channels))
+
+    def make(n: int, r: np.random.Generator) -> Dataset:
+        labels = r.integers(0, num_classes, n).astype(np.int32)
+        x = templates[labels] + noise * r.standard_normal((n, image_size, image_size, channels))
+        return Dataset(
+            np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8),
+            labels,
+            tuple(f"class_{i}" for i in range(num_classes)),
+        )
+
+    return make(num_train, np.random.default_rng(seed + 1)), make(num_test, np.random.default_rng(seed + 2))
+
+
+def load_tfds(
+    name: str,
+    data_dir: str | None = None,
+    splits: Sequence[str] = ("train", "test"),
+    image_key: str = "image",
+    label_key: str = "label",
+) -> tuple[Dataset, Dataset]:
+    """A TFDS image-classification dataset through ``tfds.data_source`` (no TensorFlow needed).
+
+    The dataset must already be prepared in ``data_dir`` (or be downloadable there).
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:
+        raise ValueError(f"data.name {name!r} is not a TFDS dataset ({e})") from e
+    if not Path(builder.data_dir).exists():
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} "
+            f"(looked in {builder.data_dir}); run `tfds build {name} --data_dir=...` first"
+        )
+    names = tuple(builder.info.features[label_key].names)
+    out = []
+    for split in splits:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        n = len(source)
+        records = [source[i] for i in range(n)]
+        images = np.stack([np.asarray(r[image_key], np.uint8) for r in records])
+        if images.ndim == 3:
+            images = images[..., None]
+        labels = np.asarray([r[label_key] for r in records], np.int32)
+        out.append(Dataset(images, labels, names))
+    return out[0], out[1]
+
+
+def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """By name: 'digits' (embedded), 'synthetic', or any TFDS image-classification name."""
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name == "synthetic":
+        return load_synthetic(seed=seed)
+    return load_tfds(name, data_dir=data_dir)

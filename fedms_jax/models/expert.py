@@ -1,0 +1,156 @@
+"""An *expert*: frozen backbone + LoRA tree + classifier head, as pure functions.
+
+Trees:
+  * ``backbone``: the frozen ``'params'`` of the ``VisionTransformer`` (held once per device,
+    never copied per client; never differentiated).
+  * ``trainable = {'lora': ..., 'head': ...}``: what a client trains and the server aggregates.
+    ``trainable['lora']`` may hold all blocks or only the active ones (see ``fedms_jax.sal``).
+  * a frozen head (CLIP zero-shot head when not tuned) lives in ``frozen_head``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from fedms_jax.models.heads import LinearHead, ZeroShotHead
+from fedms_jax.models.lora import LORA_COLLECTION, LoRASpec
+from fedms_jax.models.vision import Branch, VisionSpec, VisionTransformer
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Expert:
+    """Backbone module + head module; hashable, so it can be closed over by jitted functions.
+
+    Attributes:
+      spec, lora: the backbone's architecture and adapters.
+      num_classes: C.
+      head_kind: 'linear' or 'zero_shot' (CLIP only).
+      tune_head: whether the head is trainable (always true for 'linear').
+      dtype: computation dtype of the backbone.
+    """
+
+    spec: VisionSpec
+    lora: LoRASpec
+    num_classes: int
+    head_kind: str = "linear"
+    tune_head: bool = True
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        if self.head_kind not in ("linear", "zero_shot"):
+            raise ValueError(f"head must be 'linear' or 'zero_shot', got {self.head_kind!r}")
+        if self.head_kind == "zero_shot" and self.spec.flavor != "clip":
+            raise ValueError("head 'zero_shot' needs a CLIP backbone, got a ViT")
+        if self.head_kind == "linear" and not self.tune_head:
+            raise ValueError("a linear head is randomly initialised and must be tuned (tune_head=True)")
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
+
+    @property
+    def backbone(self) -> VisionTransformer:
+        return VisionTransformer(self.spec, self.lora, self.dtype)
+
+    @property
+    def head(self) -> LinearHead | ZeroShotHead:
+        if self.head_kind == "zero_shot":
+            return ZeroShotHead(self.num_classes, self.spec.feature_dim)
+        return LinearHead(self.num_classes)
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
+
+    def _dummy_images(self) -> jax.Array:
+        s = self.spec
+        return jnp.zeros((1, s.image_size, s.image_size, s.num_channels), jnp.float32)
+
+    def init_backbone(self, rng: jax.Array) -> PyTree:
+        """Random backbone params (for tests and offline runs without a checkpoint)."""
+        return self.backbone.init(rng, self._dummy_images(), method=VisionTransformer.init_all)["params"]
+
+    def init_lora(self, rng: jax.Array) -> PyTree:
+        """A fresh LoRA tree for all L blocks (A random, B zero)."""
+        # Under jit, XLA drops the backbone initialisation and forward that the LoRA tree
+        # does not depend on.
+        init = lambda r: self.backbone.init(r, self._dummy_images())[LORA_COLLECTION]
+        return jax.jit(init)(rng)
+
+    def init_head(self, rng: jax.Array) -> PyTree:
+        return self.head.init(rng, jnp.zeros((1, self.spec.feature_dim)))["params"]
+
+    def init_trainable(self, rng: jax.Array, head: PyTree | None = None) -> dict:
+        """{'lora': all blocks, 'head': head params (given, e.g. zero-shot, or initialised)}."""
+        r_lora, r_head = jax.random.split(rng)
+        head = self.init_head(r_head) if head is None else head
+        return {"lora": self.init_lora(r_lora), "head": head if self.tune_head else {}}
+
+    def trunk(self, backbone: PyTree, images: jax.Array, num_active: int) -> Branch:
+        """images [B, H, W, C] -> branch point (hidden [B, T, D], cls [B, D]); no gradient."""
+        return self.backbone.apply({"params": backbone}, images, num_active, method=VisionTransformer.trunk)
+
+    def features(
+        self,
+        backbone: PyTree,
+        lora: PyTree,
+        hidden: jax.Array,
+        num_active: int,
+        *,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Top k blocks with LoRA from the branch point [B, T, D] -> features [B, F].
+
+        ``rng`` enables LoRA dropout (training); None runs deterministically.
+        """
+        variables = {"params": backbone, LORA_COLLECTION: lora}
+        rngs = {"dropout": rng} if rng is not None else None
+        return self.backbone.apply(
+            variables, hidden, num_active, deterministic=rng is None, rngs=rngs,
+            method=VisionTransformer.top,
+        )
+
+    def head_logits(self, head: PyTree, features: jax.Array) -> jax.Array:
+        """features [B, F] -> logits [B, C] (float32)."""
+        return self.head.apply({"params": head}, features)
+
+    def logits_from_branch(
+        self,
+        backbone: PyTree,
+        trainable: PyTree,
+        hidden: jax.Array,
+        num_active: int,
+        *,
+        frozen_head: PyTree | None = None,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        feats = self.features(backbone, trainable["lora"], hidden, num_active, rng=rng)
+        return self.head_logits(self.head_params(trainable, frozen_head), feats)
+
+    def logits(
+        self,
+        backbone: PyTree,
+        trainable: PyTree,
+        images: jax.Array,
+        num_active: int,
+        *,
+        frozen_head: PyTree | None = None,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """The SAL forward: images [B, H, W, C] float -> logits [B, C]."""
+        chex.assert_rank(images, 4)
+        branch = self.trunk(backbone, images, num_active)
+        return self.logits_from_branch(
+            backbone, trainable, branch.hidden, num_active, frozen_head=frozen_head, rng=rng
+        )
+
+    def head_params(self, trainable: PyTree, frozen_head: PyTree | None) -> PyTree:
+        if self.tune_head:
+            return trainable["head"]
+        if frozen_head is None:
+            raise ValueError("this expert's head is frozen: pass frozen_head")
+        return frozen_head

@@ -1,0 +1,171 @@
+"""The pre-LayerNorm transformer encoder shared by ViT and both CLIP towers.
+
+Parameter names are this package's own (``blocks_3/attn/q/kernel``); ``hf.py`` maps them to the
+Hugging Face spellings. Each block's Dense layers are ``attn/{q,k,v,o}`` and ``mlp/{fc1,fc2}``,
+which are also the names LoRA targets use.
+
+The encoder runs any contiguous range of blocks, with or without LoRA, so the SAL forward can
+run the frozen trunk (blocks ``[0, L-k)``) and the adapted top (``[L-k, L)``) separately.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedms_jax.models.lora import LoRADense, LoRASpec
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act {name!r} is not supported; choose from {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """Shape of a transformer encoder (hashable, so it can be a Flax module attribute)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    hidden_act: str
+    layer_norm_eps: float
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        activation(self.hidden_act)
+
+    @classmethod
+    def from_hf(cls, config: Any) -> "EncoderSpec":
+        """From a transformers ViTConfig, CLIPVisionConfig or CLIPTextConfig."""
+        return cls(
+            hidden_size=int(config.hidden_size),
+            num_layers=int(config.num_hidden_layers),
+            num_heads=int(config.num_attention_heads),
+            mlp_dim=int(config.intermediate_size),
+            hidden_act=str(config.hidden_act),
+            layer_norm_eps=float(config.layer_norm_eps),
+        )
+
+
+def check_num_active(num_active: int, num_layers: int) -> int:
+    """Validates the SAL number of active (LoRA-adapted) top blocks, k in [0, L]."""
+    if isinstance(num_active, bool) or not isinstance(num_active, int):
+        raise ValueError(f"num_active must be a Python int (static), got {num_active!r}")
+    if not 0 <= num_active <= num_layers:
+        raise ValueError(f"num_active must be in [0, {num_layers}], got {num_active}")
+    return num_active
+
+
+def _lora_for(lora: LoRASpec | None, name: str) -> LoRASpec | None:
+    return lora if lora is not None and name in lora.targets else None
+
+
+class Attention(nn.Module):
+    spec: EncoderSpec
+    lora: LoRASpec | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, causal: bool, use_lora: bool, deterministic: bool
+    ) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D]."""
+        b, t, d = x.shape
+        h = self.spec.num_heads
+        dense = lambda name: LoRADense(d, lora=_lora_for(self.lora, name), dtype=self.dtype, name=name)
+        kw = dict(use_lora=use_lora, deterministic=deterministic)
+        q = dense("q")(x, **kw).reshape(b, t, h, d // h)
+        k = dense("k")(x, **kw).reshape(b, t, h, d // h)
+        v = dense("v")(x, **kw).reshape(b, t, h, d // h)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // h) ** -0.5
+        if causal:
+            mask = jnp.tril(jnp.ones((t, t), bool))
+            scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+        # Softmax in float32 even under bf16 compute: the row sums lose precision otherwise.
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+        return dense("o")(out, **kw)
+
+
+class MLP(nn.Module):
+    spec: EncoderSpec
+    lora: LoRASpec | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, use_lora: bool, deterministic: bool) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D]."""
+        kw = dict(use_lora=use_lora, deterministic=deterministic)
+        y = LoRADense(self.spec.mlp_dim, lora=_lora_for(self.lora, "fc1"), dtype=self.dtype, name="fc1")(x, **kw)
+        y = activation(self.spec.hidden_act)(y)
+        return LoRADense(x.shape[-1], lora=_lora_for(self.lora, "fc2"), dtype=self.dtype, name="fc2")(y, **kw)
+
+
+class Block(nn.Module):
+    """Pre-LN block: ``h + attn(ln1(h))`` then ``h + mlp(ln2(h))``."""
+
+    spec: EncoderSpec
+    lora: LoRASpec | None = None
+    dtype: Any = jnp.float32
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, h: jax.Array, *, use_lora: bool, deterministic: bool) -> jax.Array:
+        eps = self.spec.layer_norm_eps
+        ln = lambda name: nn.LayerNorm(epsilon=eps, dtype=self.dtype, name=name)
+        kw = dict(use_lora=use_lora, deterministic=deterministic)
+        h = h + Attention(self.spec, self.lora, self.dtype, name="attn")(
+            ln("ln1")(h), causal=self.causal, **kw
+        )
+        return h + MLP(self.spec, self.lora, self.dtype, name="mlp")(ln("ln2")(h), **kw)
+
+
+class Encoder(nn.Module):
+    """A stack of ``spec.num_layers`` blocks named ``blocks_0 .. blocks_{L-1}``."""
+
+    spec: EncoderSpec
+    lora: LoRASpec | None = None
+    dtype: Any = jnp.float32
+    causal: bool = False
+
+    def setup(self) -> None:
+        self.blocks = [
+            Block(self.spec, self.lora, self.dtype, self.causal) for _ in range(self.spec.num_layers)
+        ]
+
+    def __call__(
+        self,
+        h: jax.Array,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        use_lora: bool = False,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Runs blocks ``[start, stop)`` on h: [B, T, D] -> [B, T, D]."""
+        stop = self.spec.num_layers if stop is None else stop
+        for i in range(start, stop):
+            h = self.blocks[i](h, use_lora=use_lora, deterministic=deterministic)
+        return h

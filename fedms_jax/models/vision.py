@@ -1,0 +1,227 @@
+"""Vision transformers (HF ViTModel and CLIP's vision tower) with the SAL-aware forward.
+
+Both architectures are one module, ``VisionTransformer``, configured by a ``VisionSpec`` built
+from a transformers config: ViT has a biased patch embedding, a final LayerNorm over all tokens
+and an optional tanh pooler; CLIP has an unbiased patch embedding, a LayerNorm before the encoder
+(``pre_layrnorm``), a LayerNorm on the class token and a linear projection.
+
+SAL forward at level k (static): the lower ``L - k`` blocks are the frozen *trunk*, run without
+LoRA, and the gradient stops at their output (``stop_gradient``), so backprop never enters them:
+the compute saved is real, not masked. The top k blocks run with LoRA. The hidden states entering
+the lowest active block are the *branch point*: the MoFM runs the trunk once and the top blocks
+once per expert from there, and its gate reads the branch point's class token.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from fedms_jax.models.lora import LoRASpec
+from fedms_jax.models.transformer import Encoder, EncoderSpec, check_num_active
+
+Flavor = Literal["vit", "clip"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionSpec:
+    """Architecture of a vision transformer.
+
+    Attributes:
+      encoder: the blocks' shape.
+      image_size, patch_size, num_channels: input geometry; tokens T = (image/patch)^2 + 1.
+      flavor: 'vit' (HF ViTModel) or 'clip' (HF CLIPVisionModelWithProjection).
+      pooler: ViT only: whether the tanh pooler exists.
+      projection_dim: CLIP only: width of the image embedding.
+    """
+
+    encoder: EncoderSpec
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    flavor: Flavor = "vit"
+    pooler: bool = False
+    projection_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.flavor not in ("vit", "clip"):
+            raise ValueError(f"flavor must be 'vit' or 'clip', got {self.flavor!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.flavor == "clip" and not self.projection_dim:
+            raise ValueError(f"a CLIP vision tower needs projection_dim, got {self.projection_dim!r}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.num_layers
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def feature_dim(self) -> int:
+        return self.projection_dim if self.flavor == "clip" else self.encoder.hidden_size
+
+    @classmethod
+    def from_hf(cls, config: Any, *, image_size: int | None = None, pooler: bool = True) -> "VisionSpec":
+        """From a transformers ViTConfig, CLIPVisionConfig or CLIPConfig (its vision part)."""
+        kind = type(config).__name__
+        if kind == "CLIPConfig":
+            vision = config.vision_config
+            return cls._clip(vision, int(config.projection_dim), image_size)
+        if kind == "CLIPVisionConfig":
+            return cls._clip(config, int(config.projection_dim), image_size)
+        if kind == "ViTConfig":
+            return cls(
+                encoder=EncoderSpec.from_hf(config),
+                image_size=int(image_size or config.image_size),
+                patch_size=int(config.patch_size),
+                num_channels=int(config.num_channels),
+                flavor="vit",
+                pooler=pooler,
+            )
+        raise ValueError(f"config must be a ViTConfig, CLIPVisionConfig or CLIPConfig, got {kind}")
+
+    @classmethod
+    def _clip(cls, vision: Any, projection_dim: int, image_size: int | None) -> "VisionSpec":
+        return cls(
+            encoder=EncoderSpec.from_hf(vision),
+            image_size=int(image_size or vision.image_size),
+            patch_size=int(vision.patch_size),
+            num_channels=int(vision.num_channels),
+            flavor="clip",
+            projection_dim=projection_dim,
+        )
+
+
+@flax.struct.dataclass
+class Branch:
+    """The hidden states entering the lowest active block.
+
+    Attributes:
+      hidden: [B, T, D] token states (class token first).
+      cls: [B, D] the class token's state, ``hidden[:, 0]``.
+    """
+
+    hidden: jax.Array
+    cls: jax.Array
+
+
+@flax.struct.dataclass
+class VisionOutput:
+    """features: [B, F] pooled (CLIP: projected) image features; branch: the branch point."""
+
+    features: jax.Array
+    branch: Branch
+
+
+def check_images(images: Any, spec: VisionSpec) -> None:
+    """Raises ValueError unless images is a float array [B, H, W, C] of the spec's geometry."""
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise ValueError(f"images must be an array, got {type(images).__name__}")
+    want = (spec.image_size, spec.image_size, spec.num_channels)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(
+            f"images must have shape [batch, {want[0]}, {want[1]}, {want[2]}], "
+            f"got {tuple(images.shape)}"
+        )
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(
+            f"images must be floating point (normalised pixels), got dtype {images.dtype}"
+        )
+
+
+class VisionTransformer(nn.Module):
+    """ViT / CLIP vision tower. Parameters float32; ``dtype`` is the computation dtype."""
+
+    spec: VisionSpec
+    lora: LoRASpec | None = None
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        spec, d = self.spec, self.spec.encoder.hidden_size
+        eps = spec.encoder.layer_norm_eps
+        p = spec.patch_size
+        self.patch_embed = nn.Conv(
+            d, (p, p), strides=(p, p), padding="VALID", use_bias=spec.flavor == "vit",
+            dtype=self.dtype,
+        )
+        self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (d,))
+        self.pos_embed = self.param(
+            "pos_embed", nn.initializers.normal(0.02), (spec.num_patches + 1, d)
+        )
+        if spec.flavor == "clip":
+            self.pre_ln = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
+            self.projection = nn.Dense(spec.projection_dim, use_bias=False, dtype=self.dtype)
+        elif spec.pooler:
+            self.pooler = nn.Dense(d, dtype=self.dtype)
+        self.encoder = Encoder(spec.encoder, self.lora, self.dtype)
+        self.final_ln = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] (normalised floats) -> token states [B, T, D] entering block 0."""
+        check_images(images, self.spec)
+        x = self.patch_embed(images.astype(self.dtype))
+        b = x.shape[0]
+        x = x.reshape(b, -1, x.shape[-1])
+        cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, x.shape[-1]))
+        h = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
+        if self.spec.flavor == "clip":
+            h = self.pre_ln(h)
+        return h
+
+    def pool(self, hidden: jax.Array) -> jax.Array:
+        """Final token states [B, T, D] -> features [B, F] (LN'd class token; CLIP: projected)."""
+        cls = self.final_ln(hidden[:, 0])
+        return self.projection(cls) if self.spec.flavor == "clip" else cls
+
+    def pooler_output(self, hidden: jax.Array) -> jax.Array:
+        """ViT's optional pooler: tanh(Dense(LN(h)[:, 0])), as HF ViTModel.pooler_output."""
+        if self.spec.flavor != "vit" or not self.spec.pooler:
+            raise ValueError("pooler_output needs a ViT spec with pooler=True")
+        return jnp.tanh(self.pooler(self.final_ln(hidden[:, 0])))
+
+    def trunk(self, images: jax.Array, num_active: int) -> Branch:
+        """Embeddings plus the frozen lower ``L - k`` blocks; no gradient flows back through them."""
+        k = check_num_active(num_active, self.num_layers)
+        h = self.encoder(self.embed(images), 0, self.num_layers - k, use_lora=False)
+        h = jax.lax.stop_gradient(h)
+        return Branch(hidden=h, cls=h[:, 0])
+
+    def top(self, hidden: jax.Array, num_active: int, *, deterministic: bool = True) -> jax.Array:
+        """The top k blocks with LoRA, from the branch point [B, T, D], pooled -> [B, F]."""
+        k = check_num_active(num_active, self.num_layers)
+        L = self.num_layers
+        h = self.encoder(hidden, L - k, L, use_lora=True, deterministic=deterministic)
+        return self.pool(h)
+
+    def hidden_states(self, images: jax.Array) -> jax.Array:
+        """All blocks without LoRA -> final token states [B, T, D] (before the final LN)."""
+        return self.encoder(self.embed(images), use_lora=False)
+
+    def init_all(self, images: jax.Array) -> VisionOutput:
+        """For ``init``: touches every parameter (all LoRA adapters, the pooler if any)."""
+        out = self(images)
+        if self.spec.flavor == "vit" and self.spec.pooler:
+            self.pooler_output(out.branch.hidden)
+        return out
+
+    def __call__(
+        self, images: jax.Array, num_active: int | None = None, *, deterministic: bool = True
+    ) -> VisionOutput:
+        """SAL forward with k = ``num_active`` (static; default L) LoRA-adapted top blocks."""
+        k = self.num_layers if num_active is None else num_active
+        branch = self.trunk(images, k)
+        features = self.top(branch.hidden, k, deterministic=deterministic)
+        return VisionOutput(features=features, branch=branch)

@@ -1,0 +1,69 @@
+"""Config validation and the `fedms-jax run` main job, end to end from the command line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedms_jax.config import ConfigError, apply_overrides, load_config, validate
+
+
+def test_overrides_are_typed():
+    c = apply_overrides(load_config("embedded"), ["rounds=3", "lora.targets=q,v", "client.lr=0.5", "model.dtype=bfloat16"])
+    assert c.rounds == 3 and c.lora.targets == ("q", "v") and c.client.lr == 0.5
+    assert c.model.dtype == "bfloat16"
+    validate(c)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rounds=two", r"--config.rounds='two' is not a valid int"),
+        ("model.depth=3", r"unknown config key 'model.depth'"),
+        ("lora.targets=q,query", r"config.lora.targets = \('q', 'query'\)"),
+        ("model.hidden=30", r"config.model.hidden = 30: must be divisible by model.heads=4"),
+        ("sal.mode=sometimes", r"config.sal.mode = 'sometimes'"),
+        ("client.lr=-1", r"config.client.lr = -1.0"),
+        ("model.image_size=18", r"config.model.image_size = 18"),
+    ],
+)
+def test_bad_config_names_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(apply_overrides(load_config("embedded"), [override]))
+
+
+def test_unknown_config_name():
+    with pytest.raises(ConfigError, match="'nope'"):
+        load_config("nope")
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "fedms_jax.cli", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_run_end_to_end(tmp_path):
+    work = tmp_path / "w"
+    r = _cli("run", "--workdir", str(work), "--no-progress", "--config.rounds=3",
+             "--config.client.local_steps=5", "--config.sal.every=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [l["round"] for l in lines] == [0, 1, 2]
+    assert [l["active_blocks"] for l in lines] == [1, 2, 3]
+    for l in lines:
+        assert {"round", "loss", "accuracy", "active_blocks", "seconds"} <= set(l)
+        assert 0.0 <= l["accuracy"] <= 1.0
+    assert "done:" in r.stdout
+
+
+def test_run_rejects_bad_value_before_compiling(tmp_path):
+    r = _cli("run", "--workdir", str(tmp_path / "w"), "--config.sal.k0=0", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "config.sal.k0 = 0" in r.stderr
+    assert not (tmp_path / "w").exists()

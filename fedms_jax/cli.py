@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from fedms_jax.run import run  # imports jax; only after the config is known to be valid
 
-    final = run(config, args.workdir, progress=not args.no_progress)
+    final = run(config, args.workdir, progress=not args.no_progress)["metrics"]
     print(
         "done: "
         + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())

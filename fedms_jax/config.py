@@ -137,4 +137,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     bad = [t for t in targets if t not in LORA_TARGETS]
     _check(not bad and len(targets) > 0, "lora.targets", targets, f"each must be one of {list(LORA_TARGETS)}")
     _check(config.client.lr > 0, "client.lr", config.client.lr, "must be > 0")
+    _check_choice(config, "algorithm", ("fedavg",))
+    _check_choice(config, "data.partition", ("dirichlet", "shards", "iid"))
+    _check_choice(config, "server.optimizer", ("fedavg", "fedadam"))
+    _check_choice(config, "placement.backend", ("vmap", "sequential"))
+    _positive_int(config, "data.num_clients", "cohort_size", "data.min_examples", "data.shards_per_client", "eval_every")
+    _positive_int(config, "placement.chunk_size", allow_zero=True)
+    _check(config.data.alpha > 0, "data.alpha", config.data.alpha, "must be > 0")
+    _check(config.server.lr > 0, "server.lr", config.server.lr, "must be > 0")
+    _check(config.cohort_size <= config.data.num_clients, "cohort_size", config.cohort_size,
+           f"must be <= data.num_clients={config.data.num_clients}")
+    chunk = config.placement.chunk_size
+    _check(chunk == 0 or config.cohort_size % chunk == 0, "placement.chunk_size", chunk,
+           f"must divide cohort_size={config.cohort_size}")
     return config

@@ -28,6 +28,9 @@ def test_overrides_are_typed():
         ("sal.mode=sometimes", r"config.sal.mode = 'sometimes'"),
         ("client.lr=-1", r"config.client.lr = -1.0"),
         ("model.image_size=18", r"config.model.image_size = 18"),
+        ("cohort_size=50", r"config.cohort_size = 50: must be <= data.num_clients=20"),
+        ("placement.chunk_size=3", r"config.placement.chunk_size = 3: must divide cohort_size=8"),
+        ("data.partition=random", r"config.data.partition = 'random'"),
     ],
 )
 def test_bad_config_names_key_and_value(override, message):
@@ -51,14 +54,17 @@ def _cli(*args, cwd):
 def test_run_end_to_end(tmp_path):
     work = tmp_path / "w"
     r = _cli("run", "--workdir", str(work), "--no-progress", "--config.rounds=3",
-             "--config.client.local_steps=5", "--config.sal.every=1", cwd=tmp_path)
+             "--config.client.local_steps=2", "--config.sal.every=1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
     assert [l["round"] for l in lines] == [0, 1, 2]
     assert [l["active_blocks"] for l in lines] == [1, 2, 3]
     for l in lines:
-        assert {"round", "loss", "accuracy", "active_blocks", "seconds"} <= set(l)
+        assert {"round", "loss", "accuracy", "active_blocks", "bytes_up", "bytes_down", "seconds"} <= set(l)
         assert 0.0 <= l["accuracy"] <= 1.0
+    # More active blocks, more bytes: each block adds the same adapter bytes per client.
+    up = [l["bytes_up"] for l in lines]
+    assert up[0] < up[1] < up[2] and up[2] - up[1] == up[1] - up[0]
     assert "done:" in r.stdout
 
 

@@ -12,6 +12,7 @@ One table of ``(flax path, HF key, transform)`` rows drives both directions, so
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -404,7 +405,8 @@ def load_pretrained(
 def to_hf_state_dict(spec: VisionSpec | CLIPSpec, params: Any) -> dict[str, np.ndarray]:
     """The inverse of loading: a Flax params tree -> HF state dict (numpy, HF key spellings)."""
     return {
-        row.key: np.ascontiguousarray(_to_hf(np.asarray(_get(params, row.path)), row.transform))
+        # np.array(order='C'), not ascontiguousarray: the latter turns 0-d logit_scale into [1].
+        row.key: np.array(_to_hf(np.asarray(_get(params, row.path)), row.transform), order="C")
         for row in _rows(spec)
     }
 
@@ -417,6 +419,10 @@ def save_pretrained(pretrained: Pretrained, params: Any, directory: str | os.Pat
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
     save_file(to_hf_state_dict(pretrained.spec, params), str(tmp), metadata={"format": "pt"})
-    pretrained.hf_config.save_pretrained(str(out))
+    config = copy.deepcopy(pretrained.hf_config)
+    # Position embeddings may have been resized at load time: the config must say so.
+    vision_config = config.vision_config if pretrained.kind == "clip" else config
+    vision_config.image_size = pretrained.vision_spec.image_size
+    config.save_pretrained(str(out))
     os.replace(tmp, out / "model.safetensors")
     return out

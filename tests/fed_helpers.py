@@ -1,0 +1,39 @@
+"""Small federated configs and helpers shared by the engine tests (also run in subprocesses)."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from fedms_jax.config import apply_overrides, load_config, validate
+
+TINY = [
+    "data.name=synthetic", "data.num_clients=8", "data.min_examples=8", "data.alpha=0.5",
+    "cohort_size=8", "model.image_size=8", "model.patch_size=4", "model.hidden=32",
+    "model.layers=2", "model.heads=4", "model.mlp_dim=64", "lora.rank=4",
+    "client.local_steps=2", "client.batch_size=8", "client.optimizer=sgd", "client.lr=0.1",
+    "sal.k0=1", "sal.every=1", "rounds=2",
+]
+
+
+def tiny_config(*extra: str):
+    return validate(apply_overrides(load_config("embedded"), TINY + list(extra)))
+
+
+def run_rounds(config, rounds: int, *, mesh=None):
+    """Runs rounds through the engine directly; returns (server, clients, engine, metrics)."""
+    from fedms_jax.federated.engine import sample_cohort
+    from fedms_jax.run import build
+
+    b = build(config, mesh=mesh)
+    server, clients, engine = b["server"], b["clients"], b["engine"]
+    metrics = []
+    for t in range(rounds):
+        k = b["schedule"].num_active(t)
+        cohort = sample_cohort(config.seed, t, config.data.num_clients, config.cohort_size)
+        server, clients, m = engine.run_round(server, clients, t, k, cohort)
+        metrics.append({n: float(v) for n, v in m.items()})
+    return server, clients, engine, metrics
+
+
+def flat(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(tree)])

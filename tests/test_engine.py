@@ -103,3 +103,20 @@ def test_eight_devices_match_one_device(tmp_path, vmap_two_rounds):
     assert int(got["num_devices"]) == 8
     assert int(got["cohort_shards"]) == 8  # the cohort's client axis is split over 8 devices
     np.testing.assert_allclose(got["trainable"], ref, atol=1e-5)
+
+
+def test_fedadam_moves_only_active_units_and_their_state():
+    """FedAdam: one optax state per unit; a round at k=1 leaves block 0 and its moments as they were."""
+    from fedms_jax.federated import server as srv
+
+    config = tiny_config("server.optimizer=fedadam", "server.lr=0.01", "sal.mode=fixed", "sal.k0=1")
+    b = __import__("fedms_jax.run", fromlist=["build"]).build(config)
+    s0 = jax.tree_util.tree_map(np.asarray, b["server"])
+    server, _, _ = b["engine"].run_round(b["server"], b["clients"], 0, 1, np.arange(8, dtype=np.int32))
+    u0, u1 = srv.split_units(s0.trainable), srv.split_units(server.trainable)
+    np.testing.assert_array_equal(flat(u1["blocks_0"]), flat(u0["blocks_0"]))
+    assert np.abs(flat(u1["blocks_1"]) - flat(u0["blocks_1"])).max() > 0
+    np.testing.assert_array_equal(flat(server.opt_state["blocks_0"]), flat(s0.opt_state["blocks_0"]))
+    # Adam's first step moves every coordinate with a non-zero gradient by about lr.
+    step = np.abs(flat(u1["head"]) - flat(u0["head"]))
+    assert step.max() == pytest.approx(0.01, rel=0.05)

@@ -80,3 +80,24 @@ def test_stack_clients_pads():
     assert list(cd.counts) == [3, 1]
     np.testing.assert_array_equal(cd.images[0, 1], train.images[5])
     assert (cd.images[1, 1:] == 0).all() and cd.labels[1, 0] == train.labels[3]
+
+
+def test_tfds_source_with_mock_data():
+    """The TFDS path (tfds.data_source, no TensorFlow) on TFDS's mock data."""
+    import tensorflow_datasets as tfds
+
+    from fedms_jax.data.sources import load_dataset
+
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        train, test = load_dataset("mnist")
+    assert train.images.shape == (12, 28, 28, 1) and train.images.dtype == np.uint8
+    assert train.labels.dtype == np.int32 and train.num_classes == 10 and len(test) == 12
+
+
+def test_tfds_missing_dataset_is_a_clear_error(tmp_path):
+    from fedms_jax.data.sources import load_tfds
+
+    with pytest.raises(FileNotFoundError, match="'mnist' split 'train' is not prepared"):
+        load_tfds("mnist", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="'no_such_dataset' is not a TFDS dataset"):
+        load_tfds("no_such_dataset", data_dir=str(tmp_path))

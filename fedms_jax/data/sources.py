@@ -6,7 +6,6 @@ labels [N]; resizing and normalisation happen later, inside the jitted step.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -107,17 +106,18 @@ def load_tfds(
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:
         raise ValueError(f"data.name {name!r} is not a TFDS dataset ({e})") from e
-    if not Path(builder.data_dir).exists():
-        raise FileNotFoundError(
-            f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} "
-            f"(looked in {builder.data_dir}); run `tfds build {name} --data_dir=...` first"
-        )
     names = tuple(builder.info.features[label_key].names)
     out = []
     for split in splits:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        n = len(source)
-        records = [source[i] for i in range(n)]
+        try:
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} split {split!r} is not prepared in data_dir "
+                f"{data_dir or builder.data_dir!r} ({type(e).__name__}); prepare it first, e.g. "
+                f"`tfds build {name} --data_dir=DIR` on a machine with network access"
+            ) from e
+        records = [source[i] for i in range(len(source))]
         images = np.stack([np.asarray(r[image_key], np.uint8) for r in records])
         if images.ndim == 3:
             images = images[..., None]

@@ -356,22 +356,15 @@ def test_to_hf_state_dict_is_the_exact_inverse_vit(vit):
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
 
 
-def test_to_hf_state_dict_is_the_exact_inverse_clip_tensors(clip):
+def test_to_hf_state_dict_is_the_exact_inverse_clip(clip):
     _, _, state, pt = clip
     exported = to_hf_state_dict(pt.spec, pt.params)
     assert sorted(exported) == sorted(state)
+    assert state["logit_scale"].shape == ()  # a 0-d tensor must stay 0-d
     for k, v in state.items():
-        if k == "logit_scale":  # see test_to_hf_state_dict_keeps_scalar_logit_scale
-            continue
         assert exported[k].shape == v.shape and exported[k].dtype == v.dtype, k
+        assert exported[k].flags.c_contiguous, k
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
-    np.testing.assert_array_equal(np.ravel(exported["logit_scale"]), np.ravel(state["logit_scale"]))
-
-
-def test_to_hf_state_dict_keeps_scalar_logit_scale(clip):
-    _, _, state, pt = clip
-    assert state["logit_scale"].shape == ()
-    assert to_hf_state_dict(pt.spec, pt.params)["logit_scale"].shape == ()
 
 
 def test_save_pretrained_clip_round_trip(clip, tmp_path):
@@ -379,8 +372,10 @@ def test_save_pretrained_clip_round_trip(clip, tmp_path):
     out = save_pretrained(pt, pt.params, tmp_path / "export_clip")
     _assert_same_params(load_pretrained(out).params, pt.params)
     reloaded = transformers.CLIPModel.from_pretrained(str(out)).eval()
-    for k, v in model.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[k], v), k
+    want, got = model.state_dict(), reloaded.state_dict()
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
 
 
 def test_save_pretrained_round_trip_through_transformers(vit, tmp_path):
@@ -423,9 +418,35 @@ def test_save_pretrained_exports_modified_params(vit, tmp_path):
 
 
 def test_save_pretrained_after_resize_round_trip(vit, tmp_path):
-    d, _, _, _, _ = vit
+    """Resized position embeddings are saved with a config that says so; HF and we reload them."""
+    d, model, _, config, _ = vit
     pt = load_pretrained(d, image_size=24)
     out = save_pretrained(pt, pt.params, tmp_path / "export_resized")
+    assert json.loads((out / "config.json").read_text())["image_size"] == 24
+    assert pt.hf_config.image_size == config["image_size"] == 16  # the loaded config is untouched
     again = load_pretrained(out)
     assert again.spec.image_size == 24
+    _assert_same_params(again.params, pt.params)
+
+    reloaded = transformers.ViTModel.from_pretrained(str(out)).eval()
+    x = _images(2, 24, seed=3)
+    with torch.no_grad():
+        ref = reloaded(pixel_values=_nchw(x))
+        interpolated = model(pixel_values=_nchw(x), interpolate_pos_encoding=True)
+    got = _vit_outputs(again, x)
+    np.testing.assert_allclose(got["last_hidden_state"], ref.last_hidden_state.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got["pooler_output"], ref.pooler_output.numpy(), atol=1e-4)
+    # ... and both equal the original model run with HF's own interpolation at 24x24.
+    np.testing.assert_allclose(ref.last_hidden_state.numpy(),
+                               interpolated.last_hidden_state.numpy(), atol=1e-4)
+
+
+def test_save_pretrained_after_resize_round_trip_clip(clip, tmp_path):
+    d, _, _, _ = clip
+    pt = load_pretrained(d, image_size=24)
+    out = save_pretrained(pt, pt.params, tmp_path / "export_clip_resized")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vision_config"]["image_size"] == 24
+    again = load_pretrained(out)
+    assert again.spec.vision.image_size == 24
     _assert_same_params(again.params, pt.params)

@@ -79,6 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
     server, clients = b["server"], b["clients"]
     evaluate = make_evaluator(b["expert"], b["stats"])
     test_x, test_y = jnp.asarray(b["test"].images), jnp.asarray(b["test"].labels)
+    # Bytes per client depend only on k (the active units' shapes): computed once per level.
+    bytes_per_k = {k: algorithm.bytes_per_client(server, k) for k in schedule.levels(config.rounds)}
     record: dict = {}
     with (workdir / "metrics.jsonl").open("w") as log, tqdm(
         range(config.rounds), disable=not progress, unit="round", dynamic_ncols=True
@@ -90,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
             server, clients, metrics = engine.run_round(server, clients, t, k, cohort)
             loss = float(metrics["loss"])  # the host sync that ends the round's timing
             seconds = time.perf_counter() - start
-            down, up = algorithm.bytes_per_client(server, k)
+            down, up = bytes_per_k[k]
             record = {
                 "round": t, "loss": loss, "active_blocks": k, "cohort": len(cohort),
                 "bytes_up": up * len(cohort), "bytes_down": down * len(cohort), "seconds": seconds,

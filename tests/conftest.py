@@ -1,6 +1,8 @@
 """Shared tiny models, built once per session so the suite compiles little."""
 from __future__ import annotations
 
+import socket
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,3 +45,23 @@ def randomize_lora(lora, key: jax.Array, scale: float = 0.1):
 @pytest.fixture(scope="session")
 def tiny_images() -> jax.Array:
     return jnp.asarray(np.random.default_rng(0).standard_normal((3, 16, 16, 3)), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def no_network():
+    """Hub client offline and sockets refused for a whole module; yields the refused attempts."""
+    import huggingface_hub.constants as hub_constants
+
+    attempts: list[tuple] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access is disabled in this test module")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket, "create_connection", refuse)
+        mp.setattr(socket, "getaddrinfo", refuse)
+        yield attempts

@@ -1,7 +1,6 @@
 """The federated engine: backends agree, sharding is real, compiles are few, learning happens."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -39,7 +38,6 @@ def test_chunked_equals_unchunked(vmap_two_rounds):
 def test_server_update_is_weighted_mean_of_client_models():
     """FedAvg oracle: the new server tree = sum_i n_i * theta_i / sum_i n_i, each theta_i from a
     single-client round (cohort of one)."""
-    from fedms_jax.federated import server as srv
     from fedms_jax.run import build
 
     config = tiny_config("sal.mode=all")
@@ -51,8 +49,8 @@ def test_server_update_is_weighted_mean_of_client_models():
     full, _, _ = engine.run_round(server0, b["clients"], 0, k, cohort)
     singles, counts = [], []
     for c in cohort:
-        s, _ = algo.init(jax.random.fold_in(jax.random.key(config.seed), 1), config.data.num_clients)
-        cl = b["algorithm"].init(jax.random.key(0), config.data.num_clients)[1]
+        # Fresh states from build's own initialisation key (the full round donated server0).
+        s, cl = algo.init(jax.random.fold_in(jax.random.key(config.seed), 1), config.data.num_clients)
         one, _, _ = engine.run_round(s, cl, 0, k, np.array([c], np.int32))
         singles.append(flat(one.trainable))
         counts.append(int(engine.data.counts[c]))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -33,25 +31,7 @@ from fedms_jax.models.hf import (  # noqa: E402
 VIT_KW = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
               image_size=16, patch_size=4)
 
-_NETWORK_ATTEMPTS: list[tuple] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_network():
-    """Hub client offline and sockets refused for the whole module (records any attempt)."""
-    import huggingface_hub.constants as hub_constants
-
-    def refuse(*args, **kwargs):
-        _NETWORK_ATTEMPTS.append(args)
-        raise OSError("network access is disabled in the HF loading tests")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket, "create_connection", refuse)
-        mp.setattr(socket, "getaddrinfo", refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -241,7 +221,7 @@ def test_resize_pos_embed_rejects_non_square_grid():
         resize_pos_embed(np.zeros((1 + 12, 4), np.float32), 4)
 
 
-def test_hub_id_offline_raises_hub_unavailable(monkeypatch, tmp_path):
+def test_hub_id_offline_raises_hub_unavailable(monkeypatch, tmp_path, no_network):
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -249,13 +229,13 @@ def test_hub_id_offline_raises_hub_unavailable(monkeypatch, tmp_path):
     # An empty cache: nothing previously downloaded can satisfy the request.
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.chdir(tmp_path)  # so the relative id cannot name a local directory
-    before = len(_NETWORK_ATTEMPTS)
+    before = len(no_network)
     repo = "fedms-jax-tests/no-such-model"
     with pytest.raises(HubUnavailableError, match=re.escape(repo)) as e:
         load_pretrained(repo)
     assert isinstance(e.value, OSError)
     assert "local directory" in str(e.value)  # tells the user what to do instead
-    assert len(_NETWORK_ATTEMPTS) == before, "a network connection was attempted"
+    assert len(no_network) == before, "a network connection was attempted"
 
 
 # ----------------------------------------------------------------------------- other file layouts

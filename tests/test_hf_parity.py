@@ -13,7 +13,6 @@ socket connections refused.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 from fedms_jax.models import heads  # noqa: E402
 from fedms_jax.models.clip import CLIP, CLIPSpec  # noqa: E402
 from fedms_jax.models.hf import load_pretrained, resize_pos_embed  # noqa: E402
-from fedms_jax.models.vision import VisionSpec, VisionTransformer  # noqa: E402
+from fedms_jax.models.vision import VisionSpec  # noqa: E402
 
 ATOL = 1e-4
 
@@ -39,20 +38,7 @@ MAX_ABS_DIFF: dict[str, float] = {}
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_network():
-    """Hub client offline and sockets refused for the whole module (models are local dirs)."""
-    import huggingface_hub.constants as hub_constants
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access is disabled in the HF parity tests")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket, "create_connection", refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _np(x) -> np.ndarray:

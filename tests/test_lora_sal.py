@@ -10,7 +10,6 @@ import pytest
 from conftest import TINY_LAYERS, randomize_lora
 from fedms_jax import sal
 from fedms_jax.models.lora import LoRASpec, merge_lora
-from fedms_jax.models.vision import VisionTransformer
 from fedms_jax.train import compiled_step_flops, expert_loss
 
 L = TINY_LAYERS

@@ -45,7 +45,7 @@ def main() -> None:
     a = p.parse_args()
     vm = seconds_per_round("vmap", a.clients, a.rounds)
     sq = seconds_per_round("sequential", a.clients, a.rounds)
-    print(f"| clients | vmap s/round | sequential s/round | sequential / vmap |\n|---|---|---|---|")
+    print("| clients | vmap s/round | sequential s/round | sequential / vmap |\n|---|---|---|---|")
     print(f"| {a.clients} | {vm:.3f} | {sq:.3f} | {sq / vm:.2f}x |")
 
 

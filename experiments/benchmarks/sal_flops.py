@@ -37,7 +37,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
-    print(f"| backbone | batch | k | GFLOP / step | vs k = L |\n|---|---|---|---|---|")
+    print("| backbone | batch | k | GFLOP / step | vs k = L |\n|---|---|---|---|---|")
     for name, spec in MODELS.items():
         expert = Expert(spec, LoRASpec(rank=8, alpha=16.0, targets=("q", "v")), 100)
         backbone = jax.eval_shape(expert.init_backbone, jax.random.key(0))

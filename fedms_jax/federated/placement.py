@@ -71,6 +71,11 @@ def _weighted_sum(uploads: PyTree, weights: jax.Array) -> PyTree:
     )
 
 
+def _mean(summed: PyTree, total: jax.Array) -> PyTree:
+    """summed / total; a total weight of 0 (every client excluded) gives zeros."""
+    return jax.tree_util.tree_map(lambda s: s / jnp.maximum(total, 1e-12).astype(s.dtype), summed)
+
+
 def map_reduce(
     client_fn: Callable[[PyTree, PyTree], ClientOutput],
     broadcast: PyTree,
@@ -117,8 +122,7 @@ def map_reduce(
         unchunk = lambda x: x.reshape((m,) + x.shape[2:])
         states = jax.tree_util.tree_map(unchunk, states)
         metrics = jax.tree_util.tree_map(unchunk, metrics)
-    mean = jax.tree_util.tree_map(lambda s: s / jnp.maximum(total, 1e-12).astype(s.dtype), summed)
-    return mean, total, states, metrics
+    return _mean(summed, total), total, states, metrics
 
 
 def map_reduce_sequential(
@@ -134,9 +138,7 @@ def map_reduce_sequential(
     weights = jnp.stack([o.weight for o in outs]).astype(jnp.float32)
     uploads = jax.tree_util.tree_map(stack, *[o.upload for o in outs])
     total = weights.sum()
-    mean = jax.tree_util.tree_map(
-        lambda s: s / jnp.maximum(total, 1e-12).astype(s.dtype), _weighted_sum(uploads, weights)
-    )
+    mean = _mean(_weighted_sum(uploads, weights), total)
     states = jax.tree_util.tree_map(stack, *[o.state for o in outs])
     metrics = jax.tree_util.tree_map(stack, *[o.metrics for o in outs])
     return mean, total, states, metrics

@@ -1,7 +1,8 @@
 """From a validated config to the objects a run needs: expert, backbone params, optimizers."""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +23,27 @@ def lora_spec(config: ml_collections.ConfigDict) -> LoRASpec:
     return LoRASpec(rank=c.rank, alpha=float(c.alpha), dropout=float(c.dropout), targets=tuple(c.targets))
 
 
-def build_expert(
-    config: ml_collections.ConfigDict, num_classes: int, rng: jax.Array
-) -> tuple[Expert, PyTree, tuple[tuple[float, ...], tuple[float, ...]]]:
-    """-> (expert, frozen backbone params, (mean, std) for preprocessing).
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """expert; backbone: frozen params; stats: (mean, std) for preprocessing; head: the initial
+    head params when they come from the checkpoint (CLIP zero-shot), else None."""
+
+    expert: Expert
+    backbone: PyTree
+    stats: tuple[tuple[float, ...], tuple[float, ...]]
+    head: PyTree | None = None
+
+
+def build_expert(config: ml_collections.ConfigDict, class_names: Sequence[str], rng: jax.Array) -> Built:
+    """The expert, its frozen backbone and (for CLIP) its zero-shot head.
 
     ``model.pretrained`` names a hub id or local checkpoint (loaded, position embeddings resized
     to ``model.image_size``); empty means a randomly initialised ViT of the configured shape.
+    ``model.head='zero_shot'`` (CLIP) embeds ``model.prompt`` for each class name with the
+    checkpoint's tokenizer and text tower, once; ``model.tune_head`` decides if it is trained.
     """
     m = config.model
+    head = None
     dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
     if m.pretrained:
         from fedms_jax.models.hf import load_pretrained
@@ -38,15 +51,26 @@ def build_expert(
         pre = load_pretrained(m.pretrained, image_size=m.image_size)
         spec, backbone = pre.vision_spec, pre.vision_params
         stats = CLIP_STATS if pre.kind == "clip" else IMAGENET_HALF
+        if m.head == "zero_shot":
+            if pre.kind != "clip":
+                raise ValueError(f"config.model.head = 'zero_shot' needs a CLIP checkpoint; {m.pretrained!r} is {pre.kind}")
+            from fedms_jax.models.heads import class_prompts, tokenize_prompts, zero_shot_params
+
+            length = pre.hf_config.text_config.max_position_embeddings
+            ids = tokenize_prompts(pre.path, class_prompts(class_names, m.prompt), max_length=length)
+            head = zero_shot_params(pre.module(), pre.params, ids)
     else:
         enc = EncoderSpec(m.hidden, m.layers, m.heads, m.mlp_dim, m.hidden_act, 1e-12)
         spec = VisionSpec(enc, image_size=m.image_size, patch_size=m.patch_size, flavor="vit")
         backbone = None
         stats = IMAGENET_HALF
-    expert = Expert(spec, lora_spec(config), num_classes, head_kind=m.head, dtype=dtype)
+    tune = m.tune_head or m.head == "linear"
+    expert = Expert(spec, lora_spec(config), len(class_names), head_kind=m.head, tune_head=tune, dtype=dtype)
     if backbone is None:
         backbone = jax.jit(expert.init_backbone)(rng)
-    return expert, jax.tree_util.tree_map(jnp.asarray, backbone), stats
+    if head is not None:
+        head = jax.tree_util.tree_map(jnp.asarray, head)
+    return Built(expert, jax.tree_util.tree_map(jnp.asarray, backbone), stats, head)
 
 
 def client_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

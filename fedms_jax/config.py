@@ -137,7 +137,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     bad = [t for t in targets if t not in LORA_TARGETS]
     _check(not bad and len(targets) > 0, "lora.targets", targets, f"each must be one of {list(LORA_TARGETS)}")
     _check(config.client.lr > 0, "client.lr", config.client.lr, "must be > 0")
-    _check_choice(config, "algorithm", ("fedavg",))
+    from fedms_jax.federated.algorithms import ALGORITHMS
+    from fedms_jax.mofm import MIX_MODES
+
+    _check_choice(config, "algorithm", ALGORITHMS)
+    _positive_int(config, "stage1_rounds", allow_zero=True)
+    _positive_int(config, "eval_clients", "fedms.gate_rank")
+    if config.algorithm in ("fedms", "finetune"):
+        _check(config.stage1_rounds < config.rounds, "stage1_rounds", config.stage1_rounds,
+               f"must be < rounds={config.rounds} (stage 2 needs at least one round)")
+    _check_choice(config, "fedms.gate", ("learned", "fixed"))
+    _check_choice(config, "fedms.mixing", MIX_MODES)
+    _check(0.0 <= config.fedms.local_weight <= 1.0, "fedms.local_weight", config.fedms.local_weight, "must be in [0, 1]")
+    _check(config.fedms.aux_weight >= 0, "fedms.aux_weight", config.fedms.aux_weight, "must be >= 0")
+    _check(config.fedprox.mu >= 0, "fedprox.mu", config.fedprox.mu, "must be >= 0")
+    _check("{}" in config.model.prompt, "model.prompt", config.model.prompt, "must contain '{}' for the class name")
+    _check(config.model.head == "linear" or bool(config.model.pretrained), "model.head", config.model.head,
+           "'zero_shot' needs a CLIP checkpoint in model.pretrained")
     _check_choice(config, "data.partition", ("dirichlet", "shards", "iid"))
     _check_choice(config, "server.optimizer", ("fedavg", "fedadam"))
     _check_choice(config, "placement.backend", ("vmap", "sequential"))

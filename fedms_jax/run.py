@@ -1,7 +1,12 @@
 """The round loop: build everything from the config, sample cohorts, run rounds, evaluate, log.
 
-One JSON line per round goes to ``WORKDIR/metrics.jsonl`` (round, loss, accuracy, test_loss,
-active_blocks, cohort, bytes_up, bytes_down, seconds).
+One JSON line per round goes to ``WORKDIR/metrics.jsonl``: ``round, stage, active_blocks, loss,
+cohort, bytes_up, bytes_down, seconds`` every round (plus training-side extras such as FedMS's
+``gate_local``), and on evaluation rounds ``personalized_accuracy`` (each client's model on its
+own test split, mean weighted by test size), ``personalized_min``, ``personalized_p10``,
+``personalized_loss``, ``accuracy`` and ``test_loss`` (the global model on the whole test set;
+absent for algorithms without one: ``local``, ``fedper``) and ``gate_local_weight`` (FedMS
+stage 2: the gate's mean weight on the local expert over all test examples).
 """
 from __future__ import annotations
 
@@ -20,10 +25,10 @@ from fedms_jax import sal
 from fedms_jax.builders import build_expert, client_optimizer
 from fedms_jax.config import validate
 from fedms_jax.data import partition
-from fedms_jax.data.clients import stack_clients
+from fedms_jax.data.clients import ClientData, stack_clients
 from fedms_jax.data.sources import Dataset, load_dataset
-from fedms_jax.federated.algorithms.fedavg import FedAvg
-from fedms_jax.federated.engine import Engine, make_evaluator, sample_cohort
+from fedms_jax.federated.algorithms import Common, make_algorithm
+from fedms_jax.federated.engine import Engine, sample_cohort
 from fedms_jax.federated.server import server_optimizer
 
 PyTree = Any
@@ -46,61 +51,102 @@ def build(config: ml_collections.ConfigDict, *, mesh=None) -> dict:
     train, test = load_dataset(config.data.name, config.data.data_dir or None, seed=config.seed)
     parts, test_parts = partition_clients(config, train, test)
     seed_key = jax.random.key(config.seed)
-    expert, backbone, stats = build_expert(config, train.num_classes, jax.random.fold_in(seed_key, 0))
-    algorithm = FedAvg(
-        expert,
-        client_optimizer(config),
-        server_optimizer(config.server.optimizer, config.server.lr),
-        config.client.local_steps,
-        config.client.batch_size,
-        stats,
+    built = build_expert(config, train.class_names, jax.random.fold_in(seed_key, 0))
+    expert = built.expert
+    tuned = expert.tune_head
+    common = Common(
+        expert=expert,
+        stats=built.stats,
+        schedule=sal.SALSchedule(expert.num_layers, config.sal.mode, config.sal.k0, config.sal.step, config.sal.every),
+        client_optimizer=client_optimizer(config),
+        server_optimizer=server_optimizer(config.server.optimizer, config.server.lr),
+        local_steps=config.client.local_steps,
+        batch_size=config.client.batch_size,
+        init_head=built.head if tuned else None,
+        frozen_head=None if tuned else built.head,
     )
+    algorithm = make_algorithm(config, common)
     engine = Engine(
-        algorithm, backbone, stack_clients(train, parts), seed=config.seed,
+        algorithm, built.backbone, stack_clients(train, parts), seed=config.seed,
         backend=config.placement.backend, chunk_size=config.placement.chunk_size or None, mesh=mesh,
+        eval_clients=config.eval_clients,
     )
     server, clients = engine.place(algorithm.init(jax.random.fold_in(seed_key, 1), config.data.num_clients))
-    schedule = sal.SALSchedule(expert.num_layers, config.sal.mode, config.sal.k0, config.sal.step, config.sal.every)
     return dict(
-        train=train, test=test, parts=parts, test_parts=test_parts, expert=expert, stats=stats,
-        algorithm=algorithm, engine=engine, server=server, clients=clients, schedule=schedule,
+        train=train, test=test, parts=parts, test_parts=test_parts, expert=expert, stats=built.stats,
+        algorithm=algorithm, engine=engine, server=server, clients=clients,
+        client_test=jax.device_put(stack_clients(test, test_parts)),
     )
+
+
+def personalized_metrics(per_client: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-client evaluation sums -> the weighted mean accuracy and loss, the minimum and 10th
+    percentile of the clients' accuracies (clients with no test examples left out), and the mean
+    of every per-example extra (e.g. ``gate_local`` -> ``gate_local_weight``)."""
+    count = per_client["count"].astype(np.float64)
+    has = count > 0
+    acc = per_client["correct"][has] / count[has]
+    out = {
+        "personalized_accuracy": float(per_client["correct"].sum() / count.sum()),
+        "personalized_min": float(acc.min()),
+        "personalized_p10": float(np.percentile(acc, 10)),
+        "personalized_loss": float(per_client["nll"].sum() / count.sum()),
+    }
+    for name, v in per_client.items():
+        if name not in ("count", "correct", "nll"):
+            out[f"{name}_weight"] = float(v.sum() / count.sum())
+    return out
+
+
+def evaluate(b: dict, server, clients, phase) -> dict[str, float]:
+    """Personalised (every client, own test split) and global (whole test set) evaluation."""
+    engine, algorithm = b["engine"], b["algorithm"]
+    out = personalized_metrics(engine.evaluate_clients(server, clients, phase, b["client_test"]))
+    if algorithm.has_global_model:
+        loss, acc = engine.evaluate_global(server, phase, b["test_images"], b["test_labels"])
+        out.update(test_loss=loss, accuracy=acc)
+    return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True, mesh=None) -> dict:
-    """Runs ``config.rounds`` rounds; returns the last metrics line and the final states."""
+    """Runs ``config.rounds`` rounds; returns the last metrics line, the final states, the engine
+    and ``build``'s objects."""
     config = validate(config)
     workdir = Path(workdir)
     b = build(config, mesh=mesh)
     workdir.mkdir(parents=True, exist_ok=True)
     if progress:
         print(partition.summary(b["train"].labels, b["parts"], b["train"].num_classes))
-    engine, algorithm, schedule = b["engine"], b["algorithm"], b["schedule"]
+    engine, algorithm = b["engine"], b["algorithm"]
     server, clients = b["server"], b["clients"]
-    evaluate = make_evaluator(b["expert"], b["stats"])
-    test_x, test_y = jnp.asarray(b["test"].images), jnp.asarray(b["test"].labels)
-    # Bytes per client depend only on k (the active units' shapes): computed once per level.
-    bytes_per_k = {k: algorithm.bytes_per_client(server, k) for k in schedule.levels(config.rounds)}
+    b["test_images"], b["test_labels"] = jnp.asarray(b["test"].images), jnp.asarray(b["test"].labels)
+    # Bytes per client depend only on the phase (the trees' shapes): computed once per phase.
+    bytes_per_phase = {p: engine.bytes_per_client(server, clients, p) for p in algorithm.phases(config.rounds)}
     record: dict = {}
     with (workdir / "metrics.jsonl").open("w") as log, tqdm(
         range(config.rounds), disable=not progress, unit="round", dynamic_ncols=True
     ) as bar:
         for t in bar:
-            k = schedule.num_active(t)
+            phase = algorithm.phase(t)
             cohort = sample_cohort(config.seed, t, config.data.num_clients, config.cohort_size)
             start = time.perf_counter()
-            server, clients, metrics = engine.run_round(server, clients, t, k, cohort)
-            loss = float(metrics["loss"])  # the host sync that ends the round's timing
+            server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
+            metrics = {name: float(v) for name, v in metrics.items()}  # host sync ends the timing
             seconds = time.perf_counter() - start
-            down, up = bytes_per_k[k]
+            down, up = bytes_per_phase[phase]
             record = {
-                "round": t, "loss": loss, "active_blocks": k, "cohort": len(cohort),
-                "bytes_up": up * len(cohort), "bytes_down": down * len(cohort), "seconds": seconds,
+                "round": t, "stage": phase.stage, "active_blocks": phase.num_active, "loss": metrics.pop("loss"),
+                "cohort": len(cohort), "bytes_up": up * len(cohort), "bytes_down": down * len(cohort),
+                "seconds": seconds,
             }
+            record.update({name: v for name, v in metrics.items() if name != "total_weight"})
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
-                test_loss, acc = evaluate(engine.backbone, server.trainable, test_x, test_y)
-                record.update(test_loss=float(test_loss), accuracy=float(acc))
+                record.update(evaluate(b, server, clients, phase))
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{record.get('accuracy', float('nan')):.3f}", k=k, s=f"{seconds:.2f}")
-    return {"metrics": record, "server": server, "clients": clients, "engine": engine}
+            bar.set_postfix(
+                stage=phase.stage, k=phase.num_active, loss=f"{record['loss']:.3f}",
+                pacc=f"{record.get('personalized_accuracy', float('nan')):.3f}",
+                acc=f"{record.get('accuracy', float('nan')):.3f}", s=f"{seconds:.2f}",
+            )
+    return {"metrics": record, "server": server, "clients": clients, "engine": engine, "build": b}

@@ -11,7 +11,7 @@ TINY = [
     "cohort_size=8", "model.image_size=8", "model.patch_size=4", "model.hidden=32",
     "model.layers=2", "model.heads=4", "model.mlp_dim=64", "lora.rank=4",
     "client.local_steps=2", "client.batch_size=8", "client.optimizer=sgd", "client.lr=0.1",
-    "sal.k0=1", "sal.every=1", "rounds=2",
+    "sal.k0=1", "sal.every=1", "rounds=2", "algorithm=fedavg_sal",
 ]
 
 
@@ -28,9 +28,9 @@ def run_rounds(config, rounds: int, *, mesh=None):
     server, clients, engine = b["server"], b["clients"], b["engine"]
     metrics = []
     for t in range(rounds):
-        k = b["schedule"].num_active(t)
+        phase = b["algorithm"].phase(t)
         cohort = sample_cohort(config.seed, t, config.data.num_clients, config.cohort_size)
-        server, clients, m = engine.run_round(server, clients, t, k, cohort)
+        server, clients, m = engine.run_round(server, clients, t, phase, cohort)
         metrics.append({n: float(v) for n, v in m.items()})
     return server, clients, engine, metrics
 

@@ -44,7 +44,7 @@ def test_server_update_is_weighted_mean_of_client_models():
     b = build(config)
     algo, engine = b["algorithm"], b["engine"]
     server0 = b["server"]
-    k = b["schedule"].num_active(0)
+    k = algo.phase(0)
     cohort = np.array([1, 4, 6], np.int32)
     full, _, _ = engine.run_round(server0, b["clients"], 0, k, cohort)
     singles, counts = [], []
@@ -63,12 +63,12 @@ def test_one_compile_per_sal_level():
     config = tiny_config("model.layers=3", "sal.k0=1", "sal.every=4", "rounds=12", "cohort_size=4")
     _, _, engine, _ = run_rounds(config, 12)
     assert engine.num_traces == 3
-    assert sorted(engine._rounds) == [1, 2, 3]
+    assert sorted(p.num_active for p in engine._rounds) == [1, 2, 3]
 
 
 def test_fedavg_learns_synthetic_task():
     config = tiny_config("rounds=8", "client.local_steps=10", "client.optimizer=adamw", "client.lr=0.01",
-                         "sal.mode=all", "data.alpha=1.0")
+                         "algorithm=fedavg", "data.alpha=1.0")
     from fedms_jax.run import run
 
     out = run(config, "/tmp/fedms_learn_test", progress=False)
@@ -80,9 +80,11 @@ def test_bytes_count_active_units_only(vmap_two_rounds):
     from fedms_jax.run import build
 
     b = build(tiny_config())
-    algo, server = b["algorithm"], b["server"]
-    down1, up1 = algo.bytes_per_client(server, 1)
-    down2, _ = algo.bytes_per_client(server, 2)
+    from fedms_jax.federated.algorithms import Phase
+
+    engine, server = b["engine"], b["server"]
+    down1, up1 = engine.bytes_per_client(server, b["clients"], Phase(1, 1))
+    down2, _ = engine.bytes_per_client(server, b["clients"], Phase(1, 2))
     units = srv.split_units(server.trainable)
     head = srv.tree_bytes(units["head"])
     block = srv.tree_bytes(units["blocks_1"])
@@ -110,7 +112,7 @@ def test_fedadam_moves_only_active_units_and_their_state():
     config = tiny_config("server.optimizer=fedadam", "server.lr=0.01", "sal.mode=fixed", "sal.k0=1")
     b = __import__("fedms_jax.run", fromlist=["build"]).build(config)
     s0 = jax.tree_util.tree_map(np.asarray, b["server"])
-    server, _, _ = b["engine"].run_round(b["server"], b["clients"], 0, 1, np.arange(8, dtype=np.int32))
+    server, _, _ = b["engine"].run_round(b["server"], b["clients"], 0, b["algorithm"].phase(0), np.arange(8, dtype=np.int32))
     u0, u1 = srv.split_units(s0.trainable), srv.split_units(server.trainable)
     np.testing.assert_array_equal(flat(u1["blocks_0"]), flat(u0["blocks_0"]))
     assert np.abs(flat(u1["blocks_1"]) - flat(u0["blocks_1"])).max() > 0

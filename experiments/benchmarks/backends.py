@@ -22,17 +22,17 @@ from fedms_jax.run import build
 def seconds_per_round(backend: str, clients: int, rounds: int) -> float:
     config = validate(apply_overrides(load_config("embedded"), [
         "data.name=synthetic", f"data.num_clients={clients}", f"cohort_size={clients}",
-        "data.min_examples=8", "client.local_steps=2", "client.batch_size=8", "sal.mode=all",
+        "data.min_examples=8", "client.local_steps=2", "client.batch_size=8", "algorithm=fedavg",
         f"placement.backend={backend}",
     ]))
     b = build(config)
     server, cl, engine = b["server"], b["clients"], b["engine"]
-    k = b["schedule"].num_active(0)
+    phase = b["algorithm"].phase(0)
     times = []
     for t in range(rounds + 1):
         cohort = sample_cohort(config.seed, t, clients, clients)
         start = time.perf_counter()
-        server, cl, m = engine.run_round(server, cl, t, k, cohort)
+        server, cl, m = engine.run_round(server, cl, t, phase, cohort)
         jax.block_until_ready((server, cl, m))
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])

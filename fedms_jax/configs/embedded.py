@@ -1,5 +1,6 @@
-"""The offline default: FedAvg + SAL on scikit-learn's digits over 20 non-IID clients
-(Dirichlet alpha 0.3), with a small randomly initialised ViT and LoRA.
+"""The offline default: FedMS on scikit-learn's digits over 20 non-IID clients (Dirichlet
+alpha 0.3), with a small randomly initialised ViT and LoRA: 12 rounds of stage 1 (FedAvg + SAL
+of the global expert), then 12 rounds of stage 2 (local experts + gate, MoFM).
 
 No pretrained weights can be fetched offline, so the frozen backbone is a random ViT; set
 ``model.pretrained`` to a hub id or a local checkpoint directory to use real weights.
@@ -10,10 +11,24 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.algorithm = "fedavg"
-    c.rounds = 24
+    c.algorithm = "fedms"  # fedms | fedavg_sal | fedavg | fedprox | fedper | local | finetune
+    c.rounds = 24  # all stages together
+    c.stage1_rounds = 12  # two-stage algorithms (fedms, finetune): rounds of stage 1
     c.cohort_size = 8
     c.eval_every = 1
+    c.eval_clients = 8  # clients evaluated at once (vmapped) in personalised evaluation
+
+    # FedMS stage 2 (DESIGN.md section 1; every "choice" there is an option here).
+    c.fedms = ml_collections.ConfigDict()
+    c.fedms.gate = "learned"  # learned | fixed (ablation: no gate network)
+    c.fedms.local_weight = 0.5  # gate=fixed: the mixture's weight on the local expert
+    c.fedms.gate_rank = 16  # gate adapter bottleneck d -> r -> d
+    c.fedms.mixing = "probs"  # probs (mix softmaxes) | logits
+    c.fedms.aux_weight = 0.0  # + aux_weight * each trained expert's own cross-entropy
+    c.fedms.train_global = False  # keep training the global expert (FedAvg) in stage 2
+
+    c.fedprox = ml_collections.ConfigDict()
+    c.fedprox.mu = 0.01
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"
@@ -34,7 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.mlp_dim = 128
     c.model.hidden_act = "gelu"
     c.model.dtype = "float32"
-    c.model.head = "linear"
+    c.model.head = "linear"  # linear | zero_shot (CLIP: class-prompt text embeddings)
+    c.model.tune_head = False  # zero_shot only: train the text classifier too (linear always is)
+    c.model.prompt = "a photo of a {}."  # zero_shot: the class prompt template
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8

@@ -1,4 +1,4 @@
-"""Client side: local training of the active trainable tree with ``lax.scan`` over steps."""
+"""Client side: local training of any parameter tree with ``lax.scan`` over steps."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -8,42 +8,42 @@ import jax.numpy as jnp
 import optax
 
 from fedms_jax.data.clients import sample_batch
-from fedms_jax.data.preprocess import preprocess
-from fedms_jax.models.expert import Expert
-from fedms_jax.train import make_train_step
 
 PyTree = Any
+# loss_fn(params, ctx, backbone, images float [B,H,W,C], labels [B], rng | None) -> (loss, aux)
+LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array, jax.Array, Any], tuple[jax.Array, dict]]
 
 
 def make_local_train(
-    expert: Expert,
+    loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
-    num_active: int,
     local_steps: int,
     batch_size: int,
-    stats: tuple[tuple[float, ...], tuple[float, ...]],
-) -> Callable[..., tuple[PyTree, jax.Array]]:
-    """-> ``local_train(backbone, active, images, labels, count, key) -> (new_active, mean_loss)``.
+    prep: Callable[[jax.Array], jax.Array],
+    use_rng: bool = False,
+) -> Callable[..., tuple[PyTree, jax.Array, dict]]:
+    """-> ``local_train(backbone, params, ctx, images, labels, count, key) -> (params, loss, aux)``.
 
+    ``params`` is what the client differentiates and updates (e.g. the active LoRA units and a
+    head); ``ctx`` holds the other inputs of the loss that stay fixed (anchors, frozen experts).
     images uint8 [max_n, H, W, C], labels [max_n], count scalar: one client's padded data.
-    Step s samples its batch with ``fold_in(key, s)``; the optimizer state starts fresh each
-    round and covers only the active tree. Resizing and normalisation happen here, in the jit.
+    Step s samples its batch with ``fold_in(key, s)`` and ``prep`` (resize + normalise) runs in
+    the jit. The optimizer state starts fresh each round and covers only ``params``. Returns the
+    trained params and the mean over steps of the loss and of each ``aux`` scalar.
     """
-    step = make_train_step(expert, optimizer, num_active)
-    mean, std = stats
-    s = expert.spec
 
-    def local_train(backbone, active, images, labels, count, key):
-        def body(carry, i):
-            t, opt_state = carry
+    def local_train(backbone, params, ctx, images, labels, count, key):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def step(carry, i):
+            params, opt_state = carry
             k_batch, k_drop = jax.random.split(jax.random.fold_in(key, i))
             x, y = sample_batch(images, labels, count, k_batch, batch_size)
-            x = preprocess(x, s.image_size, mean, std, s.num_channels)
-            rng = k_drop if expert.lora.dropout > 0 else None
-            t, opt_state, loss = step(backbone, t, opt_state, x, y, rng)
-            return (t, opt_state), loss
+            (loss, aux), grads = grad_fn(params, ctx, backbone, prep(x), y, k_drop if use_rng else None)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), (loss, aux)
 
-        (new, _), losses = jax.lax.scan(body, (active, optimizer.init(active)), jnp.arange(local_steps))
-        return new, losses.mean()
+        (params, _), (losses, aux) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(local_steps))
+        return params, losses.mean(), jax.tree_util.tree_map(jnp.mean, aux)
 
     return local_train

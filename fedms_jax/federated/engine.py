@@ -12,7 +12,8 @@ round t is drawn from ``(seed, t)``, so results do not depend on devices, chunki
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+import functools
+from typing import TYPE_CHECKING, Any, Callable
 
 import flax.struct
 import jax
@@ -21,11 +22,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fedms_jax.data.clients import ClientData
-from fedms_jax.data.preprocess import preprocess
 from fedms_jax.federated import placement
-from fedms_jax.federated.placement import ClientOutput
-from fedms_jax.models.expert import Expert
+from fedms_jax.federated.server import tree_bytes
 from fedms_jax.train import cross_entropy
+
+if TYPE_CHECKING:
+    from fedms_jax.federated.algorithms.base import Algorithm, Phase
 
 PyTree = Any
 
@@ -48,22 +50,6 @@ class ClientStates:
 
     participation: jax.Array
     local: PyTree
-
-
-class Algorithm(Protocol):
-    """What the engine needs from an algorithm (see ``algorithms/fedavg.py``)."""
-
-    expert: Expert
-
-    def init(self, rng: jax.Array, num_clients: int) -> tuple[ServerState, ClientStates]: ...
-
-    def broadcast(self, server: ServerState, num_active: int) -> PyTree: ...
-
-    def client_fn(self, num_active: int) -> Callable[[PyTree, PyTree], ClientOutput]: ...
-
-    def server_update(self, server: ServerState, mean_upload: PyTree, num_active: int) -> ServerState: ...
-
-    def bytes_per_client(self, server: ServerState, num_active: int) -> tuple[int, int]: ...
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
@@ -90,6 +76,7 @@ class Engine:
       backend: 'vmap' (one jitted round, sharded over ``mesh``) or 'sequential'.
       chunk_size: clients per vmapped chunk (None = whole cohort at once).
       mesh: a mesh with a 'clients' axis (default: all devices).
+      eval_clients: clients evaluated at once (vmapped) in personalised evaluation.
     """
 
     def __init__(
@@ -102,6 +89,7 @@ class Engine:
         backend: str = "vmap",
         chunk_size: int | None = None,
         mesh: Mesh | None = None,
+        eval_clients: int = 8,
     ) -> None:
         if backend not in ("vmap", "sequential"):
             raise ValueError(f"placement.backend must be 'vmap' or 'sequential', got {backend!r}")
@@ -115,29 +103,31 @@ class Engine:
         self.seed = seed
         self.seed_key = jax.random.key(seed)
         self.num_traces = 0  # how many round programs were traced (= compiled)
-        self._rounds: dict[int, Callable] = {}
+        self.eval_clients = eval_clients
+        self._rounds: dict[Phase, Callable] = {}
+        self._evals: dict[tuple, Callable] = {}
 
     def place(self, tree: PyTree) -> PyTree:
         """Commits server/client states to the mesh (replicated), as the round's outputs are, so
         the first round and every later one see the same input shardings (no recompile)."""
         return jax.device_put(tree, placement.replicated(self.mesh))
 
-    def _gather(self, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array) -> PyTree:
+    def _gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array) -> PyTree:
         take = lambda x: x[cohort_ids]
         return {
             "id": cohort_ids,
-            "images": take(self.data.images),
-            "labels": take(self.data.labels),
-            "count": take(self.data.counts),
+            "images": take(data.images),
+            "labels": take(data.labels),
+            "count": take(data.counts),
             "key": client_keys(self.seed_key, round_index, cohort_ids),
             "state": jax.tree_util.tree_map(take, clients.local),
         }
 
-    def _round(self, server, clients, round_index, cohort_ids, backbone, *, num_active, sequential=False):
+    def _round(self, server, clients, round_index, cohort_ids, backbone, data, *, phase, sequential=False):
         algo = self.algorithm
-        per_client = self._gather(clients, cohort_ids, round_index)
-        broadcast = (backbone, algo.broadcast(server, num_active))
-        fn = algo.client_fn(num_active)
+        per_client = self._gather(data, clients, cohort_ids, round_index)
+        broadcast = (backbone, algo.broadcast(server, phase))
+        fn = algo.client_fn(phase)
         if sequential:
             mean, total, states, metrics = placement.map_reduce_sequential(fn, broadcast, per_client)
         else:
@@ -145,7 +135,7 @@ class Engine:
             mean, total, states, metrics = placement.map_reduce(
                 fn, broadcast, per_client, mesh=self.mesh, chunk_size=self.chunk_size
             )
-        server = algo.server_update(server, mean, num_active)
+        server = algo.server_update(server, mean, phase)
         clients = ClientStates(
             participation=clients.participation.at[cohort_ids].add(1),
             local=jax.tree_util.tree_map(lambda all_, new: all_.at[cohort_ids].set(new), clients.local, states),
@@ -155,36 +145,102 @@ class Engine:
         out["total_weight"] = total
         return server, clients, out
 
-    def round_fn(self, num_active: int) -> Callable:
-        """The compiled round for SAL level k (cached)."""
-        if num_active not in self._rounds:
-            body = lambda s, c, t, ids, b: self._round(s, c, t, ids, b, num_active=num_active)
-            self._rounds[num_active] = jax.jit(body, donate_argnums=(0, 1))
-        return self._rounds[num_active]
+    def round_fn(self, phase: Phase) -> Callable:
+        """The compiled round for a phase (stage, SAL level k), cached."""
+        if phase not in self._rounds:
+            # The backbone and the data are arguments, not closed-over constants: XLA would
+            # otherwise embed them in the program.
+            body = lambda s, c, t, ids, b, d: self._round(s, c, t, ids, b, d, phase=phase)
+            self._rounds[phase] = jax.jit(body, donate_argnums=(0, 1))
+        return self._rounds[phase]
 
     def run_round(
-        self, server: ServerState, clients: ClientStates, round_index: int, num_active: int, cohort_ids: np.ndarray
+        self, server: ServerState, clients: ClientStates, round_index: int, phase: Phase, cohort_ids: np.ndarray
     ) -> tuple[ServerState, ClientStates, dict]:
+        """One round at ``phase`` (``algorithm.phase(round_index)``) over ``cohort_ids``."""
         ids = jnp.asarray(cohort_ids, jnp.int32)
         t = jnp.asarray(round_index, jnp.int32)
         if self.backend == "sequential":
-            return self._round(server, clients, t, ids, self.backbone, num_active=num_active, sequential=True)
-        return self.round_fn(num_active)(server, clients, t, ids, self.backbone)
+            return self._round(server, clients, t, ids, self.backbone, self.data, phase=phase, sequential=True)
+        return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data)
 
+    # --- accounting ------------------------------------------------------------------------
+    def _one_client(self, server: ServerState, clients: ClientStates, phase: Phase):
+        """Abstract shapes of one client's round at ``phase``: (client_fn, broadcast, client)."""
+        per_client = jax.eval_shape(lambda: self._gather(self.data, clients, jnp.zeros((1,), jnp.int32), jnp.zeros((), jnp.int32)))
+        one = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), per_client)
+        down = jax.eval_shape(lambda s: self.algorithm.broadcast(s, phase), server)
+        return self.algorithm.client_fn(phase), (self.backbone, down), one
 
-def make_evaluator(
-    expert: Expert, stats: tuple[tuple[float, ...], tuple[float, ...]], batch_size: int = 256
-) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """-> ``evaluate(backbone, trainable, images uint8 [N,...], labels [N]) -> (loss, accuracy)``.
+    def bytes_per_client(self, server: ServerState, clients: ClientStates, phase: Phase) -> tuple[int, int]:
+        """(download, upload) bytes of one client in a round at ``phase``: the broadcast tree
+        and the upload tree (for a frozen global expert the broadcast is an upper bound: a real
+        client could cache it)."""
+        fn, (backbone, down), one = self._one_client(server, clients, phase)
+        out = jax.eval_shape(fn, (backbone, down), one)
+        return tree_bytes(down), tree_bytes(out.upload)
 
-    Runs the full model (all blocks with LoRA) in fixed-size batches (``lax.map``), padding the
-    last batch and masking it out, so any test-set size compiles once.
-    """
-    mean, std = stats
-    s = expert.spec
+    def client_flops(self, server: ServerState, clients: ClientStates, phase: Phase) -> float:
+        """FLOPs of one client's local training at ``phase``, from XLA's cost analysis.
 
-    @jax.jit
-    def evaluate(backbone, trainable, images, labels, frozen_head=None):
+        The analysis counts a ``scan`` body once, so the compiled client (one step plus the
+        small per-round work) times ``local_steps`` is the client's training FLOPs.
+        """
+        fn, broadcast, one = self._one_client(server, clients, phase)
+        cost = jax.jit(fn).lower(broadcast, one).compile().cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost["flops"]) * self.algorithm.c.local_steps
+
+    # --- evaluation ------------------------------------------------------------------------
+    def evaluate_clients(
+        self, server: ServerState, clients: ClientStates, phase: Phase, test: ClientData
+    ) -> dict[str, np.ndarray]:
+        """Every client's personalised model on its own test split.
+
+        test: padded per-client test data [clients, max_t, ...]. Returns per-client arrays
+        [clients]: ``count`` (test examples), ``correct``, ``nll`` (summed) and the sum of every
+        per-example extra (e.g. ``gate_local``). Clients are mapped in batches of
+        ``eval_clients`` (``lax.map`` with vmapped batches); compiled once per phase.
+        """
+        key = ("personal", phase)
+        if key not in self._evals:
+            self._evals[key] = jax.jit(functools.partial(self._evaluate_clients, phase=phase))
+        out = self._evals[key](server, clients, self.backbone, test)
+        return {name: np.asarray(v) for name, v in out.items()}
+
+    def _evaluate_clients(self, server, clients, backbone, test, *, phase):
+        algo = self.algorithm
+        down = algo.broadcast(server, phase)
+        max_t = test.labels.shape[1]
+
+        def one(c):
+            x = algo.prep(c["images"])
+            log_p, extras = algo.predict(backbone, down, c["state"], x, phase)
+            mask = (jnp.arange(max_t) < c["count"]).astype(jnp.float32)
+            nll = -jnp.take_along_axis(log_p, c["labels"][:, None], axis=-1)[:, 0]
+            out = {"correct": jnp.sum((log_p.argmax(-1) == c["labels"]) * mask), "nll": jnp.sum(nll * mask)}
+            out.update({name: jnp.sum(v * mask) for name, v in extras.items()})
+            return out
+
+        per_client = {"images": test.images, "labels": test.labels, "count": test.counts, "state": clients.local}
+        out = jax.lax.map(one, per_client, batch_size=min(self.eval_clients, test.num_clients))
+        return {"count": test.counts, **out}
+
+    def evaluate_global(
+        self, server: ServerState, phase: Phase, images: jax.Array, labels: jax.Array, batch_size: int = 256
+    ) -> tuple[float, float]:
+        """The global model on a whole test set: -> (mean loss, accuracy). Compiled once per
+        phase (the set is padded to whole batches and masked)."""
+        key = ("global", phase)
+        if key not in self._evals:
+            self._evals[key] = jax.jit(functools.partial(self._evaluate_global, phase=phase, batch_size=batch_size))
+        loss, acc = self._evals[key](server, self.backbone, images, labels)
+        return float(loss), float(acc)
+
+    def _evaluate_global(self, server, backbone, images, labels, *, phase, batch_size):
+        algo = self.algorithm
+        down = algo.broadcast(server, phase)
         n = labels.shape[0]
         nb = -(-n // batch_size)
         pad = nb * batch_size - n
@@ -194,12 +250,9 @@ def make_evaluator(
 
         def one(batch):
             xb, yb, mb = batch
-            xb = preprocess(xb, s.image_size, mean, std, s.num_channels)
-            logits = expert.logits(backbone, trainable, xb, s.num_layers, frozen_head=frozen_head)
+            logits = algo.predict_global(backbone, down, algo.prep(xb), phase)
             losses = cross_entropy(logits, yb, mb) * mb.sum()
             return losses, ((logits.argmax(-1) == yb) * mb).sum()
 
         losses, correct = jax.lax.map(one, (x, y, mask))
         return losses.sum() / n, correct.sum() / n
-
-    return evaluate

@@ -27,29 +27,34 @@ def unit_names(num_layers: int) -> list[str]:
     return [HEAD] + [f"blocks_{i}" for i in range(num_layers)]
 
 
-def active_units(num_active: int, num_layers: int) -> list[str]:
-    """The head plus the top-k blocks."""
-    return [HEAD] + [f"blocks_{i}" for i in sal.active_block_ids(num_active, num_layers)]
+def active_units(num_active: int, num_layers: int, head: bool = True) -> list[str]:
+    """The head (unless ``head=False``) plus the top-k blocks."""
+    return [HEAD] * head + [f"blocks_{i}" for i in sal.active_block_ids(num_active, num_layers)]
 
 
 def split_units(trainable: PyTree) -> dict[str, PyTree]:
-    """{'lora': {'encoder': {'blocks_i': ..}}, 'head': ..} -> {'head': .., 'blocks_i': ..}."""
-    out = {HEAD: trainable["head"]}
-    out.update(trainable["lora"]["encoder"])
+    """{'lora': {'encoder': {'blocks_i': ..}}, 'head': .., other: ..} -> {'head': .., 'blocks_i': .., other: ..}.
+
+    Every top-level entry other than 'lora' (the head, FedMS's gate adapter) is one unit; the
+    LoRA tree is one unit per block. Missing entries are simply absent.
+    """
+    out = {name: sub for name, sub in trainable.items() if name != "lora"}
+    out.update(trainable.get("lora", {}).get("encoder", {}))
     return out
 
 
 def join_units(units: dict[str, PyTree]) -> dict:
-    return {
-        "head": units[HEAD],
-        "lora": {"encoder": {k: v for k, v in units.items() if k != HEAD}},
-    }
+    blocks = {k: v for k, v in units.items() if sal.block_index(k) is not None}
+    out = {k: v for k, v in units.items() if sal.block_index(k) is None}
+    if blocks:
+        out["lora"] = {"encoder": blocks}
+    return out
 
 
 def select(trainable: PyTree, names: list[str]) -> dict:
     """The trainable tree restricted to the named units (e.g. the active ones)."""
     units = split_units(trainable)
-    return join_units({n: units[n] for n in names})
+    return join_units({n: units[n] for n in names if n in units})
 
 
 def replace_units(trainable: PyTree, part: PyTree) -> dict:

@@ -148,6 +148,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                f"must be < rounds={config.rounds} (stage 2 needs at least one round)")
     _check_choice(config, "fedms.gate", ("learned", "fixed"))
     _check_choice(config, "fedms.mixing", MIX_MODES)
+    _check_choice(config, "fedms.gate_input", ("mean", "cls"))
     _check(0.0 <= config.fedms.local_weight <= 1.0, "fedms.local_weight", config.fedms.local_weight, "must be in [0, 1]")
     _check(config.fedms.aux_weight >= 0, "fedms.aux_weight", config.fedms.aux_weight, "must be >= 0")
     _check(config.fedprox.mu >= 0, "fedprox.mu", config.fedprox.mu, "must be >= 0")

@@ -12,7 +12,7 @@ from fedms_jax.config import ConfigError, apply_overrides, load_config, validate
 
 
 def test_overrides_are_typed():
-    c = apply_overrides(load_config("embedded"), ["rounds=3", "lora.targets=q,v", "client.lr=0.5", "model.dtype=bfloat16"])
+    c = apply_overrides(load_config("embedded"), ["rounds=3", "stage1_rounds=1", "lora.targets=q,v", "client.lr=0.5", "model.dtype=bfloat16"])
     assert c.rounds == 3 and c.lora.targets == ("q", "v") and c.client.lr == 0.5
     assert c.model.dtype == "bfloat16"
     validate(c)
@@ -31,6 +31,15 @@ def test_overrides_are_typed():
         ("cohort_size=50", r"config.cohort_size = 50: must be <= data.num_clients=20"),
         ("placement.chunk_size=3", r"config.placement.chunk_size = 3: must divide cohort_size=8"),
         ("data.partition=random", r"config.data.partition = 'random'"),
+        ("stage1_rounds=24", r"config.stage1_rounds = 24: must be < rounds=24"),
+        ("fedms.mixing=geometric", r"config.fedms.mixing = 'geometric'"),
+        ("fedms.gate=none", r"config.fedms.gate = 'none'"),
+        ("fedms.gate_rank=0", r"config.fedms.gate_rank = 0"),
+        ("fedms.local_weight=1.5", r"config.fedms.local_weight = 1.5: must be in \[0, 1\]"),
+        ("algorithm=fedsgd", r"config.algorithm = 'fedsgd'"),
+        ("fedprox.mu=-1", r"config.fedprox.mu = -1.0"),
+        ("sal.every=0", r"config.sal.every = 0"),
+        ("model.head=zero_shot", r"config.model.head = 'zero_shot': 'zero_shot' needs a CLIP checkpoint"),
     ],
 )
 def test_bad_config_names_key_and_value(override, message):

@@ -117,11 +117,12 @@ def test_forced_gate_gives_one_expert(mofm_setup, local_weight):
     np.testing.assert_array_equal(np.asarray(extras["gate_local"]), local_weight)
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_shared_trunk_equals_full_experts(mofm_setup, k):
+@pytest.mark.parametrize("k, gate_input", [(1, "mean"), (2, "mean"), (1, "cls")])
+def test_shared_trunk_equals_full_experts(mofm_setup, k, gate_input):
     """The MoFM forward runs the trunk once; each expert run on its own in full (and the gate on
     the [CLS] of the full model's hidden states at the branch point) gives the same."""
     algo, server, state, backbone, images = mofm_setup
+    algo = type(algo)(algo.c, 0, gate_rank=4, gate_input=gate_input)
     phase = Phase(2, k)
     down = algo.broadcast(server, phase)
     local = algo.active(state["expert"], phase)
@@ -135,7 +136,8 @@ def test_shared_trunk_equals_full_experts(mofm_setup, k):
     branch = expert.backbone.apply(
         {"params": backbone}, images, method=lambda m, x: m.encoder(m.embed(x), 0, L - k, use_lora=False)
     )
-    w_ref = mofm.gate_weights(down[GATE], state["gate_head"], branch[:, 0], algo.gate_rank)
+    feature = branch[:, 0] if algo.gate_input == "cls" else branch.mean(axis=1)
+    w_ref = mofm.gate_weights(down[GATE], state["gate_head"], feature, algo.gate_rank)
     np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), atol=1e-6)
     mixed = jnp.log(w_ref[:, :1] * jax.nn.softmax(z_g) + w_ref[:, 1:] * jax.nn.softmax(z_l))
     np.testing.assert_allclose(np.asarray(log_p), np.asarray(mixed), atol=1e-5)

@@ -482,3 +482,30 @@ def test_zero_shot_head_matches_hf_logits(zero_shot_dir):
                     pixel_values=_nchw(x)).logits_per_image
     _close("zero_shot/logits", logits, ref)
     assert logits.shape == (4, 3)
+
+
+def test_zero_shot_expert_from_config_matches_hf_and_trains(zero_shot_dir, tmp_path):
+    """The run's builder (model.head=zero_shot): the CLIP expert at init equals HF's
+    logits_per_image; then two FedMS rounds (one per stage) on top of it run end to end."""
+    from fed_helpers import tiny_config
+    from fedms_jax.builders import build_expert
+    from fedms_jax.run import run
+
+    d, model, _ = zero_shot_dir
+    labels = ["cat", "dog", "tabby_cat"]
+    config = tiny_config(f"model.pretrained={d}", "model.image_size=16", "model.head=zero_shot")
+    built = build_expert(config, labels, jax.random.key(0))
+    assert not built.expert.tune_head and built.stats[0][0] == pytest.approx(0.48145466)
+    trainable = built.expert.init_trainable(jax.random.key(1))
+    x = _images(4, 16, seed=8)
+    logits = built.expert.logits(built.backbone, trainable, jnp.asarray(x), 2, frozen_head=built.head)
+    tok = transformers.CLIPTokenizer.from_pretrained(str(d))
+    enc = tok(heads.class_prompts(labels), padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=_nchw(x)).logits_per_image
+    _close("zero_shot/expert", logits, ref)
+
+    out = run(tiny_config(f"model.pretrained={d}", "model.image_size=16", "model.head=zero_shot",
+                          "algorithm=fedms", "stage1_rounds=1"), tmp_path, progress=False)
+    assert out["metrics"]["stage"] == 2 and 0.0 <= out["metrics"]["personalized_accuracy"] <= 1.0
+    assert out["server"].trainable["head"] == {}  # the text classifier is frozen, never sent

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fedms.gate = "learned"  # learned | fixed (ablation: no gate network)
     c.fedms.local_weight = 0.5  # gate=fixed: the mixture's weight on the local expert
     c.fedms.gate_rank = 16  # gate adapter bottleneck d -> r -> d
+    c.fedms.gate_input = "mean"  # mean of the branch point's tokens | cls (its [CLS] vector)
     c.fedms.mixing = "probs"  # probs (mix softmaxes) | logits
     c.fedms.aux_weight = 0.0  # + aux_weight * each trained expert's own cross-entropy
     c.fedms.train_global = False  # keep training the global expert (FedAvg) in stage 2

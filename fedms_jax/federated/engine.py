@@ -180,6 +180,12 @@ class Engine:
         out = jax.eval_shape(fn, (backbone, down), one)
         return tree_bytes(down), tree_bytes(out.upload)
 
+    def trainable_params(self, server: ServerState, clients: ClientStates, phase: Phase) -> int:
+        """How many parameters one client trains at ``phase`` (the local problem's params)."""
+        _, (_, down), one = self._one_client(server, clients, phase)
+        params, _ = jax.eval_shape(lambda d, st: self.algorithm.local_problem(d, st, phase), down, one["state"])
+        return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
     def client_flops(self, server: ServerState, clients: ClientStates, phase: Phase) -> float:
         """FLOPs of one client's local training at ``phase``, from XLA's cost analysis.
 

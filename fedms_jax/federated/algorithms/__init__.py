@@ -41,7 +41,7 @@ def make_algorithm(config: ml_collections.ConfigDict, common: Common) -> Algorit
     if name == "fedms":
         return FedMS(
             common, config.stage1_rounds, gate_rank=f.gate_rank, gate=f.gate, local_weight=f.local_weight,
-            mixing=f.mixing, aux_weight=f.aux_weight, train_global=f.train_global,
+            mixing=f.mixing, aux_weight=f.aux_weight, train_global=f.train_global, gate_input=f.gate_input,
         )
     if name in ("fedavg", "fedavg_sal"):
         return FedAvg(common)

@@ -9,7 +9,7 @@ Our reading of the paper (DESIGN.md section 1; marked choices are config options
   adapter is trained, uploaded and averaged (FedAvg) every round; the global expert is frozen
   (``fedms.train_global=True`` keeps training it with FedAvg);
 * one shared trunk: below the lowest active block both experts are the same frozen network, so
-  the trunk runs once; only the top k blocks run twice. The gate reads the trunk's [CLS] at the
+  the trunk runs once; only the top k blocks run twice. The gate reads the trunk's output at the
   branch point, so it costs two small matmuls;
 * the loss is ``-log p(y)`` of the mixture (``fedms.mixing``: probabilities or logits), plus
   ``fedms.aux_weight`` times each trained expert's own cross-entropy;
@@ -33,6 +33,7 @@ from fedms_jax.train import cross_entropy
 PyTree = Any
 GATE = "gate"  # the gate adapter's unit in the server tree
 GATE_MODES = ("learned", "fixed")
+GATE_INPUTS = ("mean", "cls")
 
 
 class FedMS(TwoStage):
@@ -49,6 +50,7 @@ class FedMS(TwoStage):
         mixing: str = "probs",
         aux_weight: float = 0.0,
         train_global: bool = False,
+        gate_input: str = "mean",
     ) -> None:
         super().__init__(common, stage1_rounds)
         if gate not in GATE_MODES:
@@ -57,6 +59,8 @@ class FedMS(TwoStage):
             raise ValueError(f"fedms.mixing must be one of {list(mofm.MIX_MODES)}, got {mixing!r}")
         if not 0.0 <= local_weight <= 1.0:
             raise ValueError(f"fedms.local_weight must be in [0, 1], got {local_weight}")
+        if gate_input not in GATE_INPUTS:
+            raise ValueError(f"fedms.gate_input must be one of {list(GATE_INPUTS)}, got {gate_input!r}")
         if gate_rank < 1:
             raise ValueError(f"fedms.gate_rank must be >= 1, got {gate_rank}")
         self.gate_rank = gate_rank
@@ -65,6 +69,7 @@ class FedMS(TwoStage):
         self.mixing = mixing
         self.aux_weight = float(aux_weight)
         self.train_global = train_global
+        self.gate_input = gate_input
 
     def init(self, rng: jax.Array, num_clients: int) -> tuple[ServerState, ClientStates]:
         r_expert, r_gate = jax.random.split(rng)
@@ -101,10 +106,16 @@ class FedMS(TwoStage):
         z_global = self.logits_from_branch(backbone, glob, branch.hidden, phase, r_g if self.train_global else None)
         z_local = self.logits_from_branch(backbone, local, branch.hidden, phase, r_l)
         if self.learned_gate:
-            w = mofm.gate_weights(adapter, gate_head, branch.cls, self.gate_rank)
+            w = mofm.gate_weights(adapter, gate_head, self.gate_features(branch), self.gate_rank)
         else:
             w = mofm.fixed_weights(images.shape[0], self.local_weight)
         return mofm.mix(w, z_global, z_local, self.mixing), z_global, z_local, w
+
+    def gate_features(self, branch) -> jax.Array:
+        """The gate's input [B, D] from the branch point: its [CLS] vector, or the mean of all its
+        tokens. At k = L the branch point is the embedding layer, where [CLS] is the same vector
+        for every image (class token + its position embedding), hence the default 'mean'."""
+        return branch.cls if self.gate_input == "cls" else branch.hidden.mean(axis=1)
 
     def loss(self, params, ctx, backbone, images, labels, rng, *, phase):
         if phase.stage == 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,9 +33,9 @@ from fedms_jax.config import apply_overrides, load_config, validate
 
 METHODS: dict[str, list[str]] = {
     "fedms": ["algorithm=fedms"],
-    "fedms, fixed 0.5/0.5": ["algorithm=fedms", "fedms.gate=fixed", "fedms.local_weight=0.5"],
-    "fedms, no SAL": ["algorithm=fedms", "sal.mode=all"],
-    "fedms, no stage 1": ["algorithm=fedms", "stage1_rounds=0"],
+    "fedms (fixed 0.5/0.5)": ["algorithm=fedms", "fedms.gate=fixed", "fedms.local_weight=0.5"],
+    "fedms (no SAL)": ["algorithm=fedms", "sal.mode=all"],
+    "fedms (no stage 1)": ["algorithm=fedms", "stage1_rounds=0"],
     "fedavg_sal": ["algorithm=fedavg_sal"],
     "fedavg": ["algorithm=fedavg"],
     "fedprox": ["algorithm=fedprox"],
@@ -48,6 +49,7 @@ def run_method(base: list[str], config_name: str, method: str, seed: int, workdi
     from fedms_jax.run import run
 
     config = validate(apply_overrides(load_config(config_name), METHODS[method] + base + [f"seed={seed}"]))
+    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an old one
     start = time.perf_counter()
     out = run(config, workdir, progress=False)
     seconds = time.perf_counter() - start
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for m in methods:
         for s in seeds:
-            r = run_method(base, args.config, m, s, runs / f"{m.replace(', ', '_').replace(' ', '_').replace('/', '-')}_seed{s}")
+            r = run_method(base, args.config, m, s, runs / f"{''.join(c if c.isalnum() else '_' for c in m)}_seed{s}")
             print(f"{m:24s} seed {s}: personalised {r['personalized_accuracy']:.3f}  global "
                   f"{r['accuracy'] if r['accuracy'] is not None else float('nan'):.3f}  {r['seconds']:.0f}s", flush=True)
             results.append(r)

@@ -48,7 +48,12 @@ def build_expert(config: ml_collections.ConfigDict, class_names: Sequence[str], 
     if m.pretrained:
         from fedms_jax.models.hf import load_pretrained
 
-        pre = load_pretrained(m.pretrained, image_size=m.image_size)
+        from fedms_jax.data.sources import DataError
+
+        try:
+            pre = load_pretrained(m.pretrained, image_size=m.image_size)
+        except ValueError as e:  # a malformed checkpoint, or one that cannot take image_size
+            raise DataError(f"model.pretrained {m.pretrained!r}: {e}") from e
         spec, backbone = pre.vision_spec, pre.vision_params
         stats = CLIP_STATS if pre.kind == "clip" else IMAGENET_HALF
         if m.head == "zero_shot":

@@ -1,4 +1,12 @@
-"""``fedms-jax`` command line: ``fedms-jax run [--config FILE_OR_NAME] [--workdir DIR] [--config.KEY=VALUE ...]``."""
+"""``fedms-jax`` command line.
+
+    fedms-jax run [--config FILE_OR_NAME] [--workdir DIR] [--multihost] [--config.KEY=VALUE ...]
+    fedms-jax report WORKDIR [--out DIR] [--tensorboard]
+
+Exit status: 0 done; 2 bad config or a work dir that cannot be resumed with it; 1 bad input
+(missing dataset, checkpoint or hub access, malformed data); 128 + signal number when stopped by
+SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +14,7 @@ import sys
 from typing import Sequence
 
 from fedms_jax.config import ConfigError, apply_overrides, load_config, validate
+from fedms_jax.data.sources import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,7 +24,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default="embedded", help="built-in config name or a .py file with get_config()")
     r.add_argument("--workdir", default="runs/default", help="where metrics.jsonl is written")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--multihost", action="store_true",
+                   help="call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is set)")
+    rep = sub.add_parser("report", help="markdown summary and PNG plots of a run's metrics")
+    rep.add_argument("workdir")
+    rep.add_argument("--out", default=None, help="where to write (default: WORKDIR/report)")
+    rep.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
     return p
+
+
+def _error(message: str, status: int) -> int:
+    print(f"fedms-jax: error: {message}", file=sys.stderr)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,14 +43,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     args = _parser().parse_args(rest)
+    if args.command == "report":
+        from fedms_jax.report import write_report
+
+        try:
+            path = write_report(args.workdir, args.out, tensorboard=args.tensorboard)
+        except (FileNotFoundError, ValueError) as e:
+            return _error(str(e), 1)
+        print(f"report written to {path}")
+        return 0
     try:
         config = validate(apply_overrides(load_config(args.config), overrides))
     except ConfigError as e:
-        print(f"fedms-jax: error: {e}", file=sys.stderr)
-        return 2
-    from fedms_jax.run import run  # imports jax; only after the config is known to be valid
+        return _error(str(e), 2)
+    from fedms_jax import distributed
 
-    final = run(config, args.workdir, progress=not args.no_progress)["metrics"]
+    distributed.maybe_initialize(force=args.multihost)
+    from fedms_jax.models.hf import HubUnavailableError
+    from fedms_jax.run import Preempted, run  # imports jax; only after the config is known to be valid
+
+    try:
+        final = run(config, args.workdir, progress=not args.no_progress)["metrics"]
+    except ConfigError as e:
+        return _error(str(e), 2)
+    except Preempted as e:
+        print(f"fedms-jax: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except (FileNotFoundError, HubUnavailableError, DataError) as e:
+        return _error(str(e), 1)
     print(
         "done: "
         + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())

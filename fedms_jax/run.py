@@ -10,7 +10,12 @@ stage 2: the gate's mean weight on the local expert over all test examples).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +28,11 @@ from tqdm import tqdm
 
 from fedms_jax import sal
 from fedms_jax.builders import build_expert, client_optimizer
+from fedms_jax.checkpoint import Checkpointer, config_fingerprint
 from fedms_jax.config import validate
 from fedms_jax.data import partition
 from fedms_jax.data.clients import ClientData, stack_clients
-from fedms_jax.data.sources import Dataset, load_dataset
+from fedms_jax.data.sources import DataError, Dataset, load_dataset
 from fedms_jax.federated.algorithms import Common, make_algorithm
 from fedms_jax.federated.engine import Engine, sample_cohort
 from fedms_jax.federated.server import server_optimizer
@@ -50,6 +56,15 @@ def build(config: ml_collections.ConfigDict, *, mesh=None) -> dict:
     """Everything a run needs, from a validated config (no compilation happens here)."""
     train, test = load_dataset(config.data.name, config.data.data_dir or None, seed=config.seed)
     parts, test_parts = partition_clients(config, train, test)
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise DataError(
+            f"client(s) {empty[:10]} have no training examples under data.partition="
+            f"{config.data.partition!r} with data.num_clients={config.data.num_clients} "
+            f"({len(train)} examples): use fewer clients or another partition"
+        )
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"train images are {train.images.shape[1:]} but test images {test.images.shape[1:]}")
     seed_key = jax.random.key(config.seed)
     built = build_expert(config, train.class_names, jax.random.fold_in(seed_key, 0))
     expert = built.expert
@@ -108,31 +123,95 @@ def evaluate(b: dict, server, clients, phase) -> dict[str, float]:
     return out
 
 
+class Preempted(Exception):
+    """The run stopped on a signal after saving a checkpoint; exit with ``128 + signum``."""
+
+    def __init__(self, signum: int, rounds_done: int, directory: Path) -> None:
+        self.signum, self.rounds_done, self.directory = signum, rounds_done, directory
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"caught {name}: saved the state after round {rounds_done} to {directory}; "
+            "rerun the same command to resume"
+        )
+
+
+@contextlib.contextmanager
+def _catch_signals(signums=(signal.SIGTERM, signal.SIGINT)):
+    """Records SIGTERM/SIGINT instead of dying, so the round in flight can finish and be saved."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signums}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _keep_metrics_before(path: Path, start: int) -> None:
+    """Drops the metric lines of rounds >= start (written after the checkpoint we resume from),
+    by writing a new file and renaming it over the old one."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["round"] < start]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in lines))
+    os.replace(tmp, path)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True, mesh=None) -> dict:
-    """Runs ``config.rounds`` rounds; returns the last metrics line, the final states, the engine
-    and ``build``'s objects."""
+    """Runs ``config.rounds`` rounds, resuming from the newest checkpoint in ``workdir``.
+
+    Returns the last metrics line, the final states, the engine and ``build``'s objects. On
+    SIGTERM/SIGINT the round in flight finishes, a checkpoint is written and ``Preempted`` is
+    raised (the CLI exits with 128 + signal number).
+    """
     config = validate(config)
     workdir = Path(workdir)
     b = build(config, mesh=mesh)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(partition.summary(b["train"].labels, b["parts"], b["train"].num_classes))
     engine, algorithm = b["engine"], b["algorithm"]
     server, clients = b["server"], b["clients"]
+    primary = jax.process_index() == 0
+    ck = config.checkpoint
+    checkpointer = Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep, asynchronous=ck.asynchronous)
+    start = 0
+    restored = checkpointer.restore_latest({"server": server, "clients": clients}, config)
+    if restored is not None:
+        start, state, _ = restored
+        server, clients = state["server"], state["clients"]
+    if progress and primary:
+        print(partition.summary(b["train"].labels, b["parts"], b["train"].num_classes))
+        if restored is not None:
+            print(f"resuming {workdir} after round {start} of {config.rounds}")
     b["test_images"], b["test_labels"] = jnp.asarray(b["test"].images), jnp.asarray(b["test"].labels)
     # Bytes per client depend only on the phase (the trees' shapes): computed once per phase.
     bytes_per_phase = {p: engine.bytes_per_client(server, clients, p) for p in algorithm.phases(config.rounds)}
+    metrics_path = workdir / "metrics.jsonl"
+    if primary:
+        _keep_metrics_before(metrics_path, start)
     record: dict = {}
-    with (workdir / "metrics.jsonl").open("w") as log, tqdm(
-        range(config.rounds), disable=not progress, unit="round", dynamic_ncols=True
+    if start and metrics_path.exists():
+        lines = metrics_path.read_text().splitlines()
+        record = json.loads(lines[-1]) if lines else {}
+    meta = lambda done: {
+        "config": config_fingerprint(config),
+        "next_phase": list(dataclasses.astuple(algorithm.phase(min(done, config.rounds - 1)))),
+        "rng": {"seed": config.seed, "recipe": "fold_in(fold_in(key(seed), round), client)"},
+    }
+    log = metrics_path.open("a") if primary else open(os.devnull, "w")
+    with log, _catch_signals() as caught, tqdm(
+        range(start, config.rounds), initial=start, total=config.rounds,
+        disable=not progress or not primary, unit="round", dynamic_ncols=True,
     ) as bar:
         for t in bar:
             phase = algorithm.phase(t)
             cohort = sample_cohort(config.seed, t, config.data.num_clients, config.cohort_size)
-            start = time.perf_counter()
+            start_time = time.perf_counter()
             server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
             metrics = {name: float(v) for name, v in metrics.items()}  # host sync ends the timing
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start_time
             down, up = bytes_per_phase[phase]
             record = {
                 "round": t, "stage": phase.stage, "active_blocks": phase.num_active, "loss": metrics.pop("loss"),
@@ -149,4 +228,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
                 pacc=f"{record.get('personalized_accuracy', float('nan')):.3f}",
                 acc=f"{record.get('accuracy', float('nan')):.3f}", s=f"{seconds:.2f}",
             )
+            done = t + 1
+            state = {"server": server, "clients": clients}
+            if caught:
+                checkpointer.save(done, state, meta(done), wait=True)
+                checkpointer.close()
+                raise Preempted(caught[0], done, checkpointer.directory)
+            if checkpointer.due(done) or done == config.rounds:
+                checkpointer.save(done, state, meta(done))
+    checkpointer.close()
     return {"metrics": record, "server": server, "clients": clients, "engine": engine, "build": b}

@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.server.optimizer = "fedavg"  # fedavg (SGD, lr 1) | fedadam
     c.server.lr = 1.0
 
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 6  # rounds between checkpoints (0: only on preemption and at the end)
+    c.checkpoint.keep = 3  # newest checkpoints kept
+    c.checkpoint.asynchronous = True  # orbax writes in the background
+
     c.placement = ml_collections.ConfigDict()
     c.placement.backend = "vmap"  # vmap | sequential
     c.placement.chunk_size = 0  # clients per vmapped chunk; 0 = the whole cohort at once

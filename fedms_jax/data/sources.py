@@ -11,6 +11,11 @@ from typing import Sequence
 import numpy as np
 
 
+class DataError(ValueError):
+    """Malformed or unusable data: wrong image shape or dtype, labels out of range, a client
+    with no examples, an unknown dataset."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """images: uint8 [N, H, W, C]; labels: int32 [N] in [0, num_classes)."""
@@ -21,16 +26,18 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(
+            raise DataError(
                 f"dataset images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}"
             )
         if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
+            raise DataError(
                 f"dataset labels must have shape [{self.images.shape[0]}], got {self.labels.shape}"
             )
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
             bad = self.labels[(self.labels < 0) | (self.labels >= self.num_classes)][0]
-            raise ValueError(f"label {int(bad)} is out of range [0, {self.num_classes})")
+            raise DataError(
+                f"label {int(bad)} is out of range [0, {self.num_classes}) ({self.num_classes} class names)"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -105,7 +112,7 @@ def load_tfds(
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:
-        raise ValueError(f"data.name {name!r} is not a TFDS dataset ({e})") from e
+        raise DataError(f"data.name {name!r} is not a TFDS dataset ({e})") from e
     names = tuple(builder.info.features[label_key].names)
     out = []
     for split in splits:

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import placement
+from fedms_jax.federated.placement import ClientOutput
 from fedms_jax.federated.server import tree_bytes
 from fedms_jax.train import cross_entropy
 
@@ -50,6 +51,18 @@ class ClientStates:
 
     participation: jax.Array
     local: PyTree
+
+
+EXCLUDED = "excluded"
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    flags = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.ones((), bool)
+
+
+def _where(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
@@ -106,6 +119,7 @@ class Engine:
         self.eval_clients = eval_clients
         self._rounds: dict[Phase, Callable] = {}
         self._evals: dict[tuple, Callable] = {}
+        self._guarded: dict[Phase, Callable] = {}
 
     def place(self, tree: PyTree) -> PyTree:
         """Commits server/client states to the mesh (replicated), as the round's outputs are, so
@@ -127,7 +141,7 @@ class Engine:
         algo = self.algorithm
         per_client = self._gather(data, clients, cohort_ids, round_index)
         broadcast = (backbone, algo.broadcast(server, phase))
-        fn = algo.client_fn(phase)
+        fn = self.guarded_client_fn(phase)
         if sequential:
             mean, total, states, metrics = placement.map_reduce_sequential(fn, broadcast, per_client)
         else:
@@ -135,15 +149,41 @@ class Engine:
             mean, total, states, metrics = placement.map_reduce(
                 fn, broadcast, per_client, mesh=self.mesh, chunk_size=self.chunk_size
             )
-        server = algo.server_update(server, mean, phase)
+        # A round where every client was excluded leaves the server as it was (even FedAdam).
+        server = _where(total > 0, algo.server_update(server, mean, phase), server)
+        excluded = metrics.pop(EXCLUDED)
         clients = ClientStates(
-            participation=clients.participation.at[cohort_ids].add(1),
+            participation=clients.participation.at[cohort_ids].add(1 - excluded.astype(jnp.int32)),
             local=jax.tree_util.tree_map(lambda all_, new: all_.at[cohort_ids].set(new), clients.local, states),
         )
-        weights = per_client["count"].astype(jnp.float32)
+        weights = per_client["count"].astype(jnp.float32) * (1.0 - excluded)
         out = {name: jnp.sum(v * weights) / jnp.maximum(weights.sum(), 1.0) for name, v in metrics.items()}
         out["total_weight"] = total
+        out["excluded_clients"] = excluded.sum()
         return server, clients, out
+
+    def guarded_client_fn(self, phase: Phase) -> Callable:
+        """The algorithm's client function, guarded: a client whose upload, new state or metrics
+        hold NaN/Inf, or that has no examples, gets weight 0 and a zero upload (so it cannot
+        poison the weighted mean), keeps its old state, and is counted in ``excluded_clients``."""
+        if phase not in self._guarded:
+            fn = self.algorithm.client_fn(phase)
+
+            def guarded(broadcast, client):
+                out = fn(broadcast, client)
+                ok = (client["count"] > 0) & _all_finite((out.upload, out.state, out.metrics))
+                return ClientOutput(
+                    upload=jax.tree_util.tree_map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), out.upload),
+                    weight=jnp.where(ok, out.weight, 0.0),
+                    state=_where(ok, out.state, client["state"]),
+                    metrics={
+                        **jax.tree_util.tree_map(lambda m: jnp.where(ok, m, 0.0), out.metrics),
+                        EXCLUDED: 1.0 - ok.astype(jnp.float32),
+                    },
+                )
+
+            self._guarded[phase] = guarded
+        return self._guarded[phase]
 
     def round_fn(self, phase: Phase) -> Callable:
         """The compiled round for a phase (stage, SAL level k), cached."""

@@ -1,0 +1,169 @@
+"""Checkpoints with orbax: every N rounds, on preemption and at the end; exact resume.
+
+A checkpoint (``WORKDIR/checkpoints/<rounds done>/``) holds
+
+  * ``state``: the server state and every client's persistent state (local experts, gate heads,
+    personalised heads, participation counts), written with orbax's ``StandardSave``
+    (asynchronously when ``checkpoint.asynchronous``: the device-to-host copy blocks, the write
+    does not);
+  * ``meta`` (JSON): the number of rounds done, the phase (stage, SAL level) of the next round,
+    the RNG recipe (every random draw is ``fold_in(key(seed), round, client)``, so the seed and
+    the round are the whole RNG state), the package and format versions, and the config.
+
+orbax writes each step to a temporary directory and renames it when complete, so a run killed
+mid-write leaves no half checkpoint behind. On resume the newest checkpoint whose config agrees
+on every key that changes the results is restored; an unreadable one (corrupt files) is skipped
+with a warning in favour of the one before.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from fedms_jax.config import ConfigError
+
+PyTree = Any
+FORMAT = 1
+# Keys that may change between a run and its resume without changing its results.
+RESUMABLE_CHANGES = ("rounds", "eval_every", "eval_clients", "placement.", "checkpoint.", "data.data_dir")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedms_jax")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as flat ``{'a.b': value}`` (JSON types)."""
+    return json.loads(json.dumps(_flatten(config.to_dict())))
+
+
+def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key that matters and differs."""
+    now = config_fingerprint(config)
+    keys = sorted(set(saved) | set(now))
+    matters = lambda k: not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
+    return [(k, saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in keys if matters(k) and saved.get(k) != now.get(k)]
+
+
+class Checkpointer:
+    """Saves and restores ``{'server': ServerState, 'clients': ClientStates}`` under a work dir.
+
+    Args:
+      directory: ``WORKDIR/checkpoints``.
+      every: save after every ``every`` rounds (0 = only on preemption and at the end).
+      keep: how many of the newest checkpoints to keep.
+      asynchronous: let orbax write in the background.
+    """
+
+    def __init__(self, directory: str | Path, *, every: int, keep: int, asynchronous: bool = True) -> None:
+        self.directory = Path(directory).absolute()
+        self.every = every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def due(self, rounds_done: int) -> bool:
+        return self.every > 0 and rounds_done % self.every == 0
+
+    def save(self, rounds_done: int, state: PyTree, meta: dict, *, wait: bool = False) -> None:
+        meta = {**meta, "rounds_done": rounds_done, "format": FORMAT, "fedms_jax": _version()}
+        self.manager.save(
+            rounds_done,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        if wait:
+            self.manager.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_latest(self, like: PyTree, config: ml_collections.ConfigDict) -> tuple[int, PyTree, dict] | None:
+        """The newest readable checkpoint as (rounds done, state, meta), or None if there is none.
+
+        ``like``: states of the right structure, shapes, dtypes and shardings (a fresh init).
+        Raises ConfigError if the newest readable checkpoint was written with a different config
+        (naming the key) or by an incompatible format version.
+        """
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        unreadable: list[int] = []
+
+        def skip(step: int, e: Exception) -> None:
+            warnings.warn(f"checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: {e}); "
+                          "falling back to the one before", stacklevel=3)
+            unreadable.append(step)
+
+        for step in reversed(self.steps()):
+            try:
+                meta = self.read_meta(step)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back
+                skip(step, e)
+                continue
+            if meta.get("format") != FORMAT:
+                raise ConfigError(
+                    f"work dir {self.directory.parent} was written by fedms_jax {meta.get('fedms_jax')} "
+                    f"(checkpoint format {meta.get('format')}); this is {_version()} (format {FORMAT}): "
+                    "use a new --workdir"
+                )
+            changes = config_changes(meta["config"], config)
+            if changes:
+                key, was, now = changes[0]
+                raise ConfigError(
+                    f"config.{key} = {now!r} differs from the checkpoint in {self.directory} ({was!r}): "
+                    "refusing to resume a different experiment; use a new --workdir or the old value"
+                )
+            try:
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                )
+            except Exception as e:  # noqa: BLE001
+                skip(step, e)
+                continue
+            self._set_aside(unreadable)
+            return step, restored["state"], meta
+        self._set_aside(unreadable)
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable checkpoints to ``WORKDIR/checkpoints_unreadable/`` (kept for a look,
+        out of the way of the rounds that will be saved again)."""
+        if not steps or jax.process_index() != 0:
+            return
+        aside = self.directory.parent / "checkpoints_unreadable"
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / f"{step}-{int(time.time())}"
+            shutil.move(str(self.directory / str(step)), str(target))
+            warnings.warn(f"moved the unreadable checkpoint to {target}", stacklevel=3)
+        self.manager.reload()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

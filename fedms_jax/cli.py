@@ -2,6 +2,7 @@
 
     fedms-jax run [--config FILE_OR_NAME] [--workdir DIR] [--multihost] [--config.KEY=VALUE ...]
     fedms-jax report WORKDIR [--out DIR] [--tensorboard]
+    fedms-jax plan [--config FILE_OR_NAME] [--layouts 8x1:replicated,2x4:fsdp,...] [--config.KEY=VALUE ...]
 
 Exit status: 0 done; 2 bad config or a work dir that cannot be resumed with it; 1 bad input
 (missing dataset, checkpoint or hub access, malformed data); 128 + signal number when stopped by
@@ -30,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("workdir")
     rep.add_argument("--out", default=None, help="where to write (default: WORKDIR/report)")
     rep.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
+    pl = sub.add_parser("plan", help="bytes per device of each sharding layout (compiles, runs nothing)")
+    pl.add_argument("--config", default="embedded")
+    pl.add_argument("--layouts", default="",
+                    help="comma-separated CLIENTSxMODEL:STRATEGY (default: every layout of the devices)")
     return p
 
 
@@ -56,6 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = validate(apply_overrides(load_config(args.config), overrides))
     except ConfigError as e:
         return _error(str(e), 2)
+    if args.command == "plan":
+        import jax
+
+        from fedms_jax import plan
+
+        try:
+            layouts = [plan.Layout.parse(t) for t in args.layouts.split(",") if t.strip()]
+        except ValueError as e:
+            return _error(str(e), 2)
+        layouts = layouts or plan.default_layouts(len(jax.devices()))
+        print(f"{len(jax.devices())} {jax.devices()[0].platform} device(s); per device:")
+        print(plan.table(plan.plan(config, layouts)))
+        return 0
     from fedms_jax import distributed
 
     distributed.maybe_initialize(force=args.multihost)

@@ -160,7 +160,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config, "placement.backend", ("vmap", "sequential"))
     _positive_int(config, "data.num_clients", "cohort_size", "data.min_examples", "data.shards_per_client", "eval_every")
     _positive_int(config, "placement.chunk_size", "checkpoint.every", allow_zero=True)
-    _positive_int(config, "checkpoint.keep")
+    _positive_int(config, "checkpoint.keep", "mesh.model")
+    _positive_int(config, "mesh.clients", allow_zero=True)
+    _check_choice(config, "mesh.strategy", ("replicated", "fsdp", "tensor"))
+    _check(config.mesh.strategy != "replicated" or config.mesh.model == 1, "mesh.strategy", config.mesh.strategy,
+           f"'replicated' puts the whole backbone on every device: needs mesh.model=1, got {config.mesh.model}")
     _check(config.data.alpha > 0, "data.alpha", config.data.alpha, "must be > 0")
     _check(config.server.lr > 0, "server.lr", config.server.lr, "must be > 0")
     _check(config.cohort_size <= config.data.num_clients, "cohort_size", config.cohort_size,

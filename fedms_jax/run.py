@@ -52,6 +52,25 @@ def partition_clients(config: ml_collections.ConfigDict, train: Dataset, test: D
     return parts, partition.split_test_like(train.labels, parts, test.labels, seed)
 
 
+def make_run_mesh(config: ml_collections.ConfigDict):
+    """The ('clients', 'model') mesh of ``config.mesh`` over every device (of every process)."""
+    from fedms_jax.config import ConfigError
+    from fedms_jax.federated.sharding import make_mesh
+
+    m = config.mesh
+    try:
+        mesh = make_mesh(m.clients, m.model)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh = {m.clients} x {m.model}: {e}") from None
+    per_chunk = config.placement.chunk_size or config.cohort_size
+    if per_chunk % mesh.shape["clients"]:
+        raise ConfigError(
+            f"config.cohort_size = {config.cohort_size} (chunk {per_chunk}) must be a multiple of the "
+            f"{mesh.shape['clients']} devices on the 'clients' axis (mesh {dict(mesh.shape)})"
+        )
+    return mesh
+
+
 def build(config: ml_collections.ConfigDict, *, mesh=None) -> dict:
     """Everything a run needs, from a validated config (no compilation happens here)."""
     train, test = load_dataset(config.data.name, config.data.data_dir or None, seed=config.seed)
@@ -81,10 +100,12 @@ def build(config: ml_collections.ConfigDict, *, mesh=None) -> dict:
         frozen_head=None if tuned else built.head,
     )
     algorithm = make_algorithm(config, common)
+    if mesh is None:
+        mesh = make_run_mesh(config)
     engine = Engine(
         algorithm, built.backbone, stack_clients(train, parts), seed=config.seed,
         backend=config.placement.backend, chunk_size=config.placement.chunk_size or None, mesh=mesh,
-        eval_clients=config.eval_clients,
+        strategy=config.mesh.strategy, eval_clients=config.eval_clients,
     )
     server, clients = engine.place(algorithm.init(jax.random.fold_in(seed_key, 1), config.data.num_clients))
     return dict(

@@ -84,6 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3  # newest checkpoints kept
     c.checkpoint.asynchronous = True  # orbax writes in the background
 
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.clients = 0  # devices on the 'clients' axis; 0 = all devices / mesh.model
+    c.mesh.model = 1  # devices on the 'model' axis (the backbone's split)
+    c.mesh.strategy = "replicated"  # replicated | fsdp | tensor (fedms_jax/federated/sharding.py)
+
     c.placement = ml_collections.ConfigDict()
     c.placement.backend = "vmap"  # vmap | sequential
     c.placement.chunk_size = 0  # clients per vmapped chunk; 0 = the whole cohort at once

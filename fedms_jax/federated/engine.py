@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fedms_jax.data.clients import ClientData
-from fedms_jax.federated import placement
+from fedms_jax.federated import placement, sharding
 from fedms_jax.federated.placement import ClientOutput
 from fedms_jax.federated.server import tree_bytes
 from fedms_jax.train import cross_entropy
@@ -88,7 +88,8 @@ class Engine:
       seed: the run's seed.
       backend: 'vmap' (one jitted round, sharded over ``mesh``) or 'sequential'.
       chunk_size: clients per vmapped chunk (None = whole cohort at once).
-      mesh: a mesh with a 'clients' axis (default: all devices).
+      mesh: a ('clients', 'model') mesh (default: all devices on 'clients').
+      strategy: how the backbone is laid out over the 'model' axis (``sharding.RULES``).
       eval_clients: clients evaluated at once (vmapped) in personalised evaluation.
     """
 
@@ -102,6 +103,7 @@ class Engine:
         backend: str = "vmap",
         chunk_size: int | None = None,
         mesh: Mesh | None = None,
+        strategy: str = "replicated",
         eval_clients: int = 8,
     ) -> None:
         if backend not in ("vmap", "sequential"):
@@ -110,8 +112,9 @@ class Engine:
         self.backend = backend
         self.chunk_size = chunk_size or None
         self.mesh = mesh if mesh is not None else placement.make_mesh()
+        self.strategy = strategy
         rep = placement.replicated(self.mesh)
-        self.backbone = jax.device_put(backbone, rep)
+        self.backbone = jax.device_put(backbone, sharding.shardings(backbone, self.mesh, strategy))
         self.data = jax.device_put(data, rep)
         self.seed = seed
         self.seed_key = jax.random.key(seed)
@@ -139,6 +142,8 @@ class Engine:
 
     def _round(self, server, clients, round_index, cohort_ids, backbone, data, *, phase, sequential=False):
         algo = self.algorithm
+        if not sequential:
+            backbone = sharding.constrain(backbone, self.mesh, self.strategy)
         per_client = self._gather(data, clients, cohort_ids, round_index)
         broadcast = (backbone, algo.broadcast(server, phase))
         fn = self.guarded_client_fn(phase)

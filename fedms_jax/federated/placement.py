@@ -44,9 +44,10 @@ class ClientOutput(NamedTuple):
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh whose 'clients' axis spans all (or the given) devices."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (CLIENTS,))
+    """A ('clients', 'model') mesh whose 'clients' axis spans all (or the given) devices."""
+    from fedms_jax.federated.sharding import make_mesh as make_2d
+
+    return make_2d(devices=devices)
 
 
 def clients_sharding(mesh: Mesh) -> NamedSharding:
@@ -93,9 +94,10 @@ def map_reduce(
     chunk = m if not chunk_size else chunk_size
     if m % chunk:
         raise ValueError(f"cohort size {m} is not a multiple of placement.chunk_size {chunk}")
-    if mesh is not None and chunk % mesh.size:
+    n_dev = mesh.shape[CLIENTS] if mesh is not None else 1
+    if chunk % n_dev:
         raise ValueError(
-            f"clients per chunk ({chunk}) must be a multiple of the {mesh.size} devices on the "
+            f"clients per chunk ({chunk}) must be a multiple of the {n_dev} devices on the "
             f"'{CLIENTS}' mesh axis"
         )
     vmapped = jax.vmap(client_fn, in_axes=(None, 0))

@@ -1,0 +1,113 @@
+"""2-D (clients x model) meshes and backbone sharding strategies, on 8 simulated CPU devices."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fed_helpers import flat, run_rounds, tiny_config
+from fedms_jax.federated import sharding
+
+HERE = Path(__file__).parent
+ENV8 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(HERE)}
+LAYOUTS = ["8x1_replicated", "2x4_fsdp", "4x2_fsdp", "2x4_tensor"]
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "out.npz"
+    r = subprocess.run([sys.executable, str(HERE / "sharding_worker.py"), str(out)], env=ENV8, cwd=HERE,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.load(out)
+
+
+def test_every_layout_equals_one_device(eight_devices):
+    assert int(eight_devices["num_devices"]) == 8
+    server, _, _, _ = run_rounds(tiny_config("algorithm=fedms", "rounds=2", "stage1_rounds=1"), 2)
+    ref = flat(server.trainable)
+    for name in LAYOUTS:
+        np.testing.assert_allclose(eight_devices[f"server_{name}"], ref, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("name, model", [("2x4_fsdp", 4), ("4x2_fsdp", 2), ("2x4_tensor", 4)])
+def test_each_device_holds_one_model_th_of_the_split_backbone(eight_devices, name, model):
+    total = int(eight_devices[f"total_bytes_{name}"])
+    split = int(eight_devices[f"split_bytes_{name}"])
+    assert int(eight_devices[f"split_dev0_{name}"]) * model == split
+    per_device = eight_devices[f"device_bytes_{name}"]
+    assert (per_device == per_device[0]).all()
+    if name.endswith("fsdp"):  # fsdp splits every leaf
+        assert split == total and int(per_device[0]) * model == total
+    else:  # tensor: the blocks' matmul weights; embeddings, norms, row biases replicated
+        assert int(per_device[0]) == split // model + (total - split)
+        assert split > 0.85 * total
+    replicated = eight_devices["device_bytes_8x1_replicated"]
+    assert (replicated == total).all()
+
+
+def test_rule_tables():
+    params = {"encoder": {"blocks_0": {"attn": {"q": {"kernel": np.zeros((8, 8)), "bias": np.zeros(8)},
+                                                 "o": {"kernel": np.zeros((8, 8)), "bias": np.zeros(8)}},
+                                        "ln1": {"scale": np.zeros(8)}}},
+              "patch_embed": {"kernel": np.zeros((4, 4, 3, 8))}}
+    t = sharding.partition_specs(params, "tensor", 4)
+    b = t["encoder"]["blocks_0"]
+    assert b["attn"]["q"]["kernel"] == P(None, "model") and b["attn"]["o"]["kernel"] == P("model", None)
+    assert b["attn"]["o"]["bias"] == P() and b["ln1"]["scale"] == P() and t["patch_embed"]["kernel"] == P()
+    f = sharding.partition_specs(params, "fsdp", 4)
+    assert f["patch_embed"]["kernel"] == P(None, None, None, "model") and f["encoder"]["blocks_0"]["ln1"]["scale"] == P("model")
+    with pytest.raises(ValueError, match=r"encoder/blocks_0/attn/o/kernel \(8, 8\) axis 0 is not divisible by mesh.model=3"):
+        sharding.partition_specs(params, "tensor", 3)
+    with pytest.raises(ValueError, match="mesh.strategy must be one of"):
+        sharding.partition_specs(params, "zigzag")
+
+
+def test_bad_mesh_config_is_a_config_error():
+    from fedms_jax.config import ConfigError
+    from fedms_jax.run import build
+
+    with pytest.raises(ConfigError, match=r"mesh.model = 3 must divide the 1 devices"):
+        build(tiny_config("mesh.model=3", "mesh.strategy=fsdp"))
+    with pytest.raises(ConfigError, match=r"config.mesh.strategy = 'replicated'.*needs mesh.model=1"):
+        tiny_config("mesh.model=2")
+
+
+VIT_B32 = ["model.hidden=768", "model.layers=12", "model.heads=12", "model.mlp_dim=3072", "model.image_size=224",
+           "model.patch_size=32", "client.local_steps=1", "client.batch_size=2", "rounds=2", "stage1_rounds=1"]
+
+
+def test_plan_for_a_vit_b32_backbone():
+    from fedms_jax.builders import build_expert
+    from fedms_jax.config import apply_overrides, load_config, validate
+
+    r = subprocess.run([sys.executable, "-m", "fedms_jax.cli", "plan", "--layouts", "8x1:replicated,2x4:fsdp,2x4:tensor",
+                        *[f"--config.{o}" for o in VIT_B32]], env=ENV8, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    rows = {m.group(1): m for m in re.finditer(
+        r"\| (\S+) \| stage 2, k=1 \| ([\d.]+) \(of ([\d.]+)\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
+        r.stdout)}
+    assert set(rows) == {"8x1:replicated", "2x4:fsdp", "2x4:tensor"}
+    # The backbone's size, independently: ViT-B/32 at 224 has 87.5M parameters (fp32).
+    config = validate(apply_overrides(load_config("embedded"), VIT_B32))
+    shapes = jax.eval_shape(lambda k: build_expert(config, [str(i) for i in range(10)], k).backbone, jax.random.key(0))
+    total_mb = sum(x.size * 4 for x in jax.tree_util.tree_leaves(shapes)) / 2**20
+    assert 87e6 < total_mb * 2**20 / 4 < 88.5e6
+    for name, row in rows.items():
+        assert float(row.group(3)) == pytest.approx(total_mb, abs=0.01)
+    assert float(rows["8x1:replicated"].group(2)) == pytest.approx(total_mb, abs=0.01)
+    assert float(rows["2x4:fsdp"].group(2)) == pytest.approx(total_mb / 4, abs=0.01)
+    tensor = float(rows["2x4:tensor"].group(2))
+    assert total_mb / 4 < tensor < total_mb / 4 + 0.03 * total_mb
+    # XLA's arguments hold at least this device's backbone and the client states.
+    for row in rows.values():
+        assert float(row.group(5)) >= float(row.group(2)) + float(row.group(4)) - 0.01

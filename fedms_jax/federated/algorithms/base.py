@@ -18,6 +18,7 @@ algorithms) and the SAL level k. Each distinct phase compiles once.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -81,7 +82,7 @@ def choose(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
-class Algorithm:
+class Algorithm(abc.ABC):
     """Base class: a single-stage algorithm on the SAL schedule. Subclasses fill in the rest."""
 
     name = "base"
@@ -101,29 +102,35 @@ class Algorithm:
         return list(dict.fromkeys(self.phase(t) for t in range(num_rounds)))
 
     # --- what subclasses define ------------------------------------------------------------
+    @abc.abstractmethod
     def init(self, rng: jax.Array, num_clients: int):  # -> (ServerState, ClientStates)
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def broadcast(self, server, phase: Phase) -> PyTree:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def local_problem(self, down: PyTree, state: PyTree, phase: Phase) -> tuple[PyTree, PyTree]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def loss(self, params, ctx, backbone, images, labels, rng, *, phase: Phase) -> tuple[jax.Array, dict]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def finish(self, down, state, old, new, phase: Phase) -> tuple[PyTree, PyTree]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def predict(self, backbone, down, state, images, phase: Phase) -> tuple[jax.Array, dict]:
         """A client's personalised model: images [B,H,W,C] float -> (log-probs [B, C], extras),
         extras being per-example scalars [B] (e.g. the gate's weight on the local expert)."""
-        raise NotImplementedError
+        ...
 
     def predict_global(self, backbone, down, images, phase: Phase) -> jax.Array:
         """The global model's logits [B, C] (only if ``has_global_model``)."""
-        raise NotImplementedError
+        raise TypeError(f"algorithm {self.name!r} has no global model (has_global_model is False)")
 
     def server_update(self, server, mean_upload: PyTree, phase: Phase):
         from fedms_jax.federated.engine import ServerState

@@ -48,7 +48,7 @@ METHODS: dict[str, list[str]] = {
 def run_method(base: list[str], config_name: str, method: str, seed: int, workdir: Path) -> dict:
     from fedms_jax.run import run
 
-    config = validate(apply_overrides(load_config(config_name), METHODS[method] + base + [f"seed={seed}"]))
+    config = validate(apply_overrides(load_config(config_name), base + METHODS[method] + [f"seed={seed}"]))
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an old one
     start = time.perf_counter()
     out = run(config, workdir, progress=False)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     for m in methods:  # every config is validated before anything runs
         for s in seeds:
-            validate(apply_overrides(load_config(args.config), METHODS[m] + base + [f"seed={s}"]))
+            validate(apply_overrides(load_config(args.config), base + METHODS[m] + [f"seed={s}"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.workdir) if args.workdir else out / "runs"

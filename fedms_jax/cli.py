@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     args = _parser().parse_args(rest)
+    if args.command != "report":
+        from fedms_jax.perf import configure_xla_cpu
+
+        configure_xla_cpu()  # before any backend starts
     if args.command == "report":
         from fedms_jax.report import write_report
 

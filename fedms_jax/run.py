@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from fedms_jax import sal
+from fedms_jax import perf, sal
 from fedms_jax.builders import build_expert, client_optimizer
 from fedms_jax.checkpoint import Checkpointer, config_fingerprint
 from fedms_jax.config import validate
@@ -71,9 +71,17 @@ def make_run_mesh(config: ml_collections.ConfigDict):
     return mesh
 
 
-def build(config: ml_collections.ConfigDict, *, mesh=None) -> dict:
-    """Everything a run needs, from a validated config (no compilation happens here)."""
-    train, test = load_dataset(config.data.name, config.data.data_dir or None, seed=config.seed)
+def build(
+    config: ml_collections.ConfigDict, *, mesh=None, datasets: tuple[Dataset, Dataset] | None = None
+) -> dict:
+    """Everything a run needs, from a validated config (no compilation happens here).
+
+    ``datasets``: (train, test) to use instead of loading ``config.data.name`` (benchmarks pass
+    synthetic data at the model's resolution).
+    """
+    if datasets is None:
+        datasets = load_dataset(config.data.name, config.data.data_dir or None, seed=config.seed)
+    train, test = datasets
     parts, test_parts = partition_clients(config, train, test)
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
@@ -102,9 +110,18 @@ def build(config: ml_collections.ConfigDict, *, mesh=None) -> dict:
     algorithm = make_algorithm(config, common)
     if mesh is None:
         mesh = make_run_mesh(config)
+    spec = expert.spec
+    tokens = (spec.image_size // spec.patch_size) ** 2 + 1
+    enc = spec.encoder
+    chunk = config.placement.chunk_size or perf.auto_chunk_size(
+        config.cohort_size, mesh.shape["clients"],
+        perf.activation_bytes(config.client.batch_size, tokens, enc.hidden_size, enc.mlp_dim, enc.num_heads,
+                              jnp.dtype(config.model.dtype).itemsize),
+        mesh.devices.flat[0].platform,
+    )
     engine = Engine(
         algorithm, built.backbone, stack_clients(train, parts), seed=config.seed,
-        backend=config.placement.backend, chunk_size=config.placement.chunk_size or None, mesh=mesh,
+        backend=config.placement.backend, chunk_size=chunk, mesh=mesh,
         strategy=config.mesh.strategy, eval_clients=config.eval_clients,
     )
     server, clients = engine.place(algorithm.init(jax.random.fold_in(seed_key, 1), config.data.num_clients))

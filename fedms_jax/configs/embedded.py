@@ -91,5 +91,5 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.placement = ml_collections.ConfigDict()
     c.placement.backend = "vmap"  # vmap | sequential
-    c.placement.chunk_size = 0  # clients per vmapped chunk; 0 = the whole cohort at once
+    c.placement.chunk_size = 0  # clients per vmapped chunk; 0 = auto (fedms_jax/perf.py: cache-sized on CPU, whole cohort on GPU/TPU)
     return c

@@ -102,8 +102,10 @@ class LoRADense(nn.Module):
             h = x
             if self.lora.dropout > 0.0:
                 h = nn.Dropout(self.lora.dropout)(h, deterministic=deterministic)
-            delta = jnp.dot(jnp.dot(h, a.astype(self.dtype)), b.astype(self.dtype))
-            y = y + (self.lora.scale * delta).astype(y.dtype)
+            # The scale goes on the small [r, out] factor, not on the [..., out] activations:
+            # scaling the activations cost a full pass over them (and their cotangent) per step.
+            delta = jnp.dot(jnp.dot(h, a.astype(self.dtype)), (self.lora.scale * b).astype(self.dtype))
+            y = y + delta.astype(y.dtype)
         return y
 
 

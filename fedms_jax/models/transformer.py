@@ -18,8 +18,15 @@ import jax.numpy as jnp
 
 from fedms_jax.models.lora import LoRADense, LoRASpec
 
+def _gelu_exact(x: jax.Array) -> jax.Array:
+    # torch's formula, 0.5 x (1 + erf(x / sqrt 2)). jax.nn.gelu(approximate=False) goes through
+    # erfc, which XLA:CPU evaluates with an extra exp and select per element: the GELU and its
+    # derivative were ~7% of a W1 training step (profile in experiments/benchmarks/RESULTS.md).
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476).astype(x.dtype))
+
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": _gelu_exact,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

@@ -1,0 +1,422 @@
+"""The benchmark suite: every performance number of RESULTS.md, measured in one run.
+
+    python experiments/benchmarks/suite.py --out DIR [--tiny] [--only w1,backends,compile,memory,fedms]
+
+Writes ``DIR/results.json`` and ``DIR/results.md``. Sections (``--only`` picks some):
+
+  w1        W1 (ViT 192 wide, 12 layers, 3 heads, MLP 768, 32x32, patch 4, LoRA r8 on q,v; 16
+            clients x 5 local steps x batch 32, fp32): s/round and images/s at SAL k = 12, 6, 3, 1;
+            achieved FLOP/s (XLA cost-analysis FLOPs / time) over the dense-matmul FLOP/s of a
+            2048x2048 fp32 matmul measured in the same process; the k=1 time against the one
+            the FLOP ratio to k=12 predicts.
+  backends  W2 (W1's model, 2 local steps x batch 8, k = 12): vmap vs sequential backend at 16,
+            64 and 256 clients, s/round and the ratio.
+  compile   a 20-round FedAvg+SAL run on W2 (16 clients) with a growing schedule: XLA
+            compilations counted by jax.monitoring, compile seconds, programs traced per k.
+  memory    W2 rounds at cohorts of 1..64 clients, each in a fresh process: peak host RSS (CPU)
+            or peak device bytes (GPU), and XLA's argument/temp sizes, against the backbone.
+  fedms     FedMS stage-2 round vs stage-1 round at the same k on W1.
+
+Timings are medians over ``--repeats`` rounds after one warm-up round (which compiles). The
+suite uses the package's defaults (fedms_jax/perf.py): YNNPACK fusions off on CPU and cache-sized
+client chunks; ``--chunk`` overrides the chunk. ``--tiny`` shrinks every size so the whole suite
+runs in about a minute (the smoke test). Results hold for the machine they ran on only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+if __name__ == "__main__":  # before any JAX backend starts
+    from fedms_jax.perf import configure_xla_cpu
+
+    YNN_OFF = configure_xla_cpu()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedms_jax.config import apply_overrides, load_config, validate
+from fedms_jax.data.sources import load_synthetic
+from fedms_jax.federated.algorithms.base import Phase
+from fedms_jax.federated.engine import sample_cohort
+from fedms_jax.models.lora import count_params
+from fedms_jax.run import build
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Every size the suite uses; ``FULL`` is the issue's workloads, ``TINY`` the smoke test's."""
+
+    hidden: int
+    layers: int
+    heads: int
+    mlp: int
+    image: int
+    patch: int
+    w1_clients: int
+    w1_steps: int
+    w1_batch: int
+    w1_ks: tuple[int, ...]
+    w2_steps: int
+    w2_batch: int
+    backend_clients: tuple[int, ...]
+    compile_rounds: int
+    compile_clients: int
+    memory_cohorts: tuple[int, ...]
+    fedms_ks: tuple[int, ...]
+    matmul: int
+
+
+FULL = Sizes(192, 12, 3, 768, 32, 4, 16, 5, 32, (12, 6, 3, 1), 2, 8, (16, 64, 256), 20, 16, (1, 4, 16, 64), (12, 6), 2048)
+TINY = Sizes(32, 4, 2, 64, 16, 4, 4, 2, 4, (4, 2, 1), 1, 4, (4, 8), 6, 4, (1, 4), (2,), 256)
+
+
+def model_overrides(s: Sizes) -> list[str]:
+    return [
+        f"model.hidden={s.hidden}", f"model.layers={s.layers}", f"model.heads={s.heads}", f"model.mlp_dim={s.mlp}",
+        f"model.image_size={s.image}", f"model.patch_size={s.patch}", "model.dtype=float32",
+        "lora.rank=8", "lora.targets=q,v", "data.partition=iid", "data.name=synthetic",
+        "client.optimizer=sgd", "client.lr=0.01", "checkpoint.every=0",
+    ]
+
+
+def make(s: Sizes, clients: int, steps: int, batch: int, *extra: str, examples: int | None = None) -> dict:
+    """``run.build`` on synthetic data at the model's resolution: ``clients`` clients, each with
+    ``examples`` examples (default: two batches), every client in the cohort."""
+    config = validate(apply_overrides(load_config("embedded"), model_overrides(s) + [
+        f"data.num_clients={clients}", f"cohort_size={clients}", f"client.local_steps={steps}",
+        f"client.batch_size={batch}", f"data.min_examples={min(batch, 16)}", "algorithm=fedavg_sal",
+        "sal.mode=fixed", *extra,
+    ]))
+    per_client = examples or 2 * batch
+    data = load_synthetic(num_train=clients * per_client, num_test=64, image_size=s.image, seed=config.seed)
+    return build(config, datasets=data) | {"config": config}
+
+
+def timed_rounds(b: dict, phase: Phase, repeats: int, backend_round: Callable | None = None) -> dict:
+    """One warm-up round, then ``repeats`` timed rounds at ``phase``: seconds of each."""
+    engine, server, clients = b["engine"], b["server"], b["clients"]
+    cohort = np.arange(b["config"].cohort_size, dtype=np.int32)
+    times = []
+    for t in range(repeats + 1 if repeats else 1):
+        start = time.perf_counter()
+        server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
+        jax.block_until_ready((server, clients, metrics))
+        times.append(time.perf_counter() - start)
+    b["server"], b["clients"] = server, clients
+    return {"first": times[0], "seconds": times[1:], "median": statistics.median(times[1:] or times)}
+
+
+def matmul_flops(n: int, repeats: int = 10) -> float:
+    """FLOP/s of a jitted n x n fp32 matmul (median of ``repeats`` after a warm-up)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2.0 * n**3 / statistics.median(times)
+
+
+# --- sections ------------------------------------------------------------------------------
+def bench_w1(s: Sizes, repeats: int, extra: list[str]) -> dict:
+    peak_before = matmul_flops(s.matmul)
+    b = make(s, s.w1_clients, s.w1_steps, s.w1_batch, *extra)
+    engine = b["engine"]
+    rows = []
+    for k in s.w1_ks:
+        phase = Phase(1, k)
+        flops = engine.client_flops(b["server"], b["clients"], phase) * s.w1_clients
+        r = timed_rounds(b, phase, repeats)
+        images = s.w1_clients * s.w1_steps * s.w1_batch
+        rows.append({"k": k, "flops_per_round": flops, "images_per_round": images, **r,
+                     "images_per_second": images / r["median"], "flops_per_second": flops / r["median"]})
+        print(f"  W1 k={k}: {r['median']:.3f} s/round", flush=True)
+    peak_after = matmul_flops(s.matmul)
+    peak = max(peak_before, peak_after)
+    full, one = rows[0], rows[-1]
+    for row in rows:
+        row["utilisation"] = row["flops_per_second"] / peak
+        row["predicted_seconds"] = full["median"] * row["flops_per_round"] / full["flops_per_round"]
+        row["vs_prediction"] = row["median"] / row["predicted_seconds"] - 1.0
+    return {
+        "matmul_n": s.matmul, "matmul_flops_per_second": [peak_before, peak_after], "peak": peak,
+        "chunk_size": engine.chunk_size, "rows": rows,
+        "targets": {
+            f"utilisation at k={full['k']} >= 0.70": full["utilisation"] >= 0.70,
+            f"k={one['k']} within 15% of the FLOP-ratio prediction": abs(one["vs_prediction"]) <= 0.15,
+        },
+    }
+
+
+def bench_backends(s: Sizes, repeats: int, extra: list[str]) -> dict:
+    rows = []
+    for m in s.backend_clients:
+        row: dict[str, Any] = {"clients": m}
+        for backend in ("vmap", "sequential"):
+            b = make(s, m, s.w2_steps, s.w2_batch, f"placement.backend={backend}", *extra)
+            r = timed_rounds(b, Phase(1, s.layers), repeats)
+            row[backend] = r
+            if backend == "vmap":
+                row["chunk_size"] = b["engine"].chunk_size
+            print(f"  W2 {m} clients {backend}: {r['median']:.3f} s/round", flush=True)
+        row["ratio"] = row["sequential"]["median"] / row["vmap"]["median"]
+        rows.append(row)
+    at = 64 if 64 in s.backend_clients else s.backend_clients[-1]
+    ratio = next(r["ratio"] for r in rows if r["clients"] == at)
+    return {"rows": rows, "targets": {f"vmap >= 1.5x sequential at {at} clients": ratio >= 1.5}}
+
+
+def bench_compile(s: Sizes, extra: list[str]) -> dict:
+    """A growing-SAL run: k = 1, 2, ... every 2 rounds. Compilations are counted by JAX's own
+    monitoring events (every XLA compile in the process while the loop runs)."""
+    every = 2
+    b = make(s, s.compile_clients, s.w2_steps, s.w2_batch, "sal.mode=progressive", "sal.k0=1", "sal.step=1",
+             f"sal.every={every}", f"rounds={s.compile_rounds}", *extra)
+    engine, algorithm = b["engine"], b["algorithm"]
+    events: list[tuple[str, float]] = []
+    listener = lambda name, secs, **kw: events.append((name, secs))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    server, clients = b["server"], b["clients"]
+    per_round, ks = [], []
+    start_all = time.perf_counter()
+    try:
+        for t in range(s.compile_rounds):
+            phase = algorithm.phase(t)
+            cohort = sample_cohort(b["config"].seed, t, s.compile_clients, s.compile_clients)
+            start = time.perf_counter()
+            server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
+            jax.block_until_ready((server, clients, metrics))
+            per_round.append(time.perf_counter() - start)
+            ks.append(phase.num_active)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    total = time.perf_counter() - start_all
+    compiles = [secs for name, secs in events if name.endswith("backend_compile_duration")]
+    tracing = [secs for name, secs in events if name.endswith(("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration"))]
+    distinct = len(set(ks))
+    return {
+        "rounds": s.compile_rounds, "ks": ks, "distinct_k": distinct, "xla_compilations": len(compiles),
+        "round_programs_traced": engine.num_traces, "compile_seconds": sum(compiles),
+        "trace_and_lower_seconds": sum(tracing), "total_seconds": total, "round_seconds": per_round,
+        "targets": {"one compilation per distinct k": len(compiles) == distinct == engine.num_traces},
+    }
+
+
+def memory_point(s: Sizes, cohort: int, extra: list[str]) -> dict:
+    """Run in a fresh process: build, 2 rounds of W2 at ``cohort`` clients, peak memory."""
+    b = make(s, cohort, s.w2_steps, s.w2_batch, *extra)
+    engine = b["engine"]
+    phase = Phase(1, s.layers)
+    rss_built = _rss_now()
+    ids = jnp.arange(cohort, dtype=jnp.int32)
+    compiled = engine.round_fn(phase).lower(b["server"], b["clients"], jnp.int32(0), ids, engine.backbone, engine.data).compile()
+    mem = compiled.memory_analysis()
+    timed_rounds(b, phase, 0)  # compiles and runs once
+    # The process's own peak (ru_maxrss) is set by XLA compiling, not by running; so RSS is
+    # sampled every 2 ms while rounds run, after the compile.
+    peak, stop = [_rss_now()], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_now())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    timed_rounds(b, phase, 1)
+    stop.set()
+    sampler.join()
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    return {
+        "cohort": cohort, "chunk_size": engine.chunk_size, "platform": device.platform,
+        "peak_rss_bytes": peak[0], "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_build_bytes": rss_built,
+        "device_peak_bytes": stats.get("peak_bytes_in_use"),
+        "backbone_bytes": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.backbone))),
+        "backbone_params": count_params(engine.backbone),
+        "data_bytes": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.data))),
+        "xla_argument_bytes": getattr(mem, "argument_size_in_bytes", None),
+        "xla_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+    }
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_memory(s: Sizes, argv_sizes: list[str], extra: list[str]) -> dict:
+    rows = []
+    for m in s.memory_cohorts:
+        cmd = [sys.executable, __file__, "--_memory_point", str(m), *argv_sizes, *[f"--config.{e}" for e in extra]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise RuntimeError(f"memory point {m} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  memory at {m} clients: peak RSS {rows[-1]['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    key = "device_peak_bytes" if rows[0]["device_peak_bytes"] is not None else "peak_rss_bytes"
+    lo, hi = rows[0], rows[-1]
+    per_client = (hi[key] - lo[key]) / max(hi["cohort"] - lo["cohort"], 1)
+    return {
+        "measure": key, "rows": rows, "growth_bytes_per_client": per_client,
+        "backbone_bytes": lo["backbone_bytes"],
+        "targets": {"backbone held once (growth per client < backbone)": per_client < lo["backbone_bytes"]},
+    }
+
+
+def bench_fedms(s: Sizes, repeats: int, extra: list[str]) -> dict:
+    b = make(s, s.w1_clients, s.w1_steps, s.w1_batch, "algorithm=fedms", "stage1_rounds=1", "rounds=2", *extra)
+    engine = b["engine"]
+    rows = []
+    for k in s.fedms_ks:
+        r1 = timed_rounds(b, Phase(1, k), repeats)
+        r2 = timed_rounds(b, Phase(2, k), repeats)
+        f1 = engine.client_flops(b["server"], b["clients"], Phase(1, k))
+        f2 = engine.client_flops(b["server"], b["clients"], Phase(2, k))
+        rows.append({"k": k, "stage1": r1, "stage2": r2, "ratio": r2["median"] / r1["median"],
+                     "flop_ratio": f2 / f1})
+        print(f"  FedMS k={k}: stage 1 {r1['median']:.3f} s, stage 2 {r2['median']:.3f} s", flush=True)
+    return {"rows": rows, "targets": {f"stage 2 <= 1.4x stage 1 at k={r['k']}": r["ratio"] <= 1.4 for r in rows}}
+
+
+# --- report --------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    d = jax.devices()[0]
+    return {
+        "platform": d.platform, "device": getattr(d, "device_kind", str(d)), "devices": jax.device_count(),
+        "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    out = [f"Machine: {m['device']} ({m['platform']}, {m['devices']} device(s)); CPU {m['cpu']}, {m['cpu_count']} cores; "
+           f"jax {m['jax']}; XLA_FLAGS `{m['xla_flags']}`", ""]
+    if "w1" in r:
+        w = r["w1"]
+        out += [f"### W1: s/round, images/s, utilisation (matmul {w['matmul_n']}^2 fp32: "
+                + " / ".join(f"{x / 1e9:.0f}" for x in w["matmul_flops_per_second"])
+                + f" GFLOP/s before / after; client chunk {w['chunk_size'] or 'whole cohort'})", "",
+                "| k | s/round | images/s | GFLOP/round | GFLOP/s | utilisation | FLOP-ratio prediction | vs prediction |",
+                "|---|---|---|---|---|---|---|---|"]
+        for row in w["rows"]:
+            out.append(f"| {row['k']} | {row['median']:.3f} | {row['images_per_second']:.0f} | {row['flops_per_round'] / 1e9:.0f} | "
+                       f"{row['flops_per_second'] / 1e9:.0f} | {row['utilisation']:.0%} | {row['predicted_seconds']:.3f} | "
+                       f"{row['vs_prediction']:+.1%} |")
+        out.append("")
+    if "backends" in r:
+        out += ["### W2: vmap vs sequential backend", "",
+                "| clients | vmap s/round | vmap chunk | sequential s/round | sequential / vmap |", "|---|---|---|---|---|"]
+        for row in r["backends"]["rows"]:
+            out.append(f"| {row['clients']} | {row['vmap']['median']:.3f} | {row['chunk_size'] or row['clients']} | "
+                       f"{row['sequential']['median']:.3f} | {row['ratio']:.2f}x |")
+        out.append("")
+    if "compile" in r:
+        c = r["compile"]
+        out += ["### Compilation over a growing SAL run", "",
+                f"{c['rounds']} rounds, k = {' '.join(map(str, c['ks']))}: {c['distinct_k']} distinct k, "
+                f"{c['xla_compilations']} XLA compilations, {c['round_programs_traced']} round programs traced; "
+                f"{c['compile_seconds']:.1f} s compiling + {c['trace_and_lower_seconds']:.1f} s tracing/lowering "
+                f"of {c['total_seconds']:.1f} s in all.", ""]
+    if "memory" in r:
+        mm = r["memory"]
+        label = "peak device MiB" if mm["measure"] == "device_peak_bytes" else "peak host RSS during rounds MiB"
+        out += [f"### Memory vs cohort size (W2; backbone {mm['backbone_bytes'] / 2**20:.1f} MiB, "
+                f"{mm['rows'][0]['backbone_params'] / 1e6:.2f} M params)", "",
+                f"| clients | chunk | {label} | host RSS after build MiB | XLA arguments MiB | XLA temp MiB | client data MiB |",
+                "|---|---|---|---|---|---|---|"]
+        for row in mm["rows"]:
+            mib = lambda v: "-" if v is None else f"{v / 2**20:.1f}"
+            out.append(f"| {row['cohort']} | {row['chunk_size'] or row['cohort']} | {mib(row[mm['measure']])} | "
+                       f"{mib(row['rss_after_build_bytes'])} | "
+                       f"{mib(row['xla_argument_bytes'])} | {mib(row['xla_temp_bytes'])} | {mib(row['data_bytes'])} |")
+        out += ["", f"Growth per added client: {mm['growth_bytes_per_client'] / 2**20:.2f} MiB "
+                f"(a per-client backbone copy would add {mm['backbone_bytes'] / 2**20:.1f} MiB).", ""]
+    if "fedms" in r:
+        out += ["### FedMS stage 2 vs stage 1 (W1)", "",
+                "| k | stage 1 s/round | stage 2 s/round | time ratio | FLOP ratio |", "|---|---|---|---|---|"]
+        for row in r["fedms"]["rows"]:
+            out.append(f"| {row['k']} | {row['stage1']['median']:.3f} | {row['stage2']['median']:.3f} | "
+                       f"{row['ratio']:.2f}x | {row['flop_ratio']:.2f}x |")
+        out.append("")
+    targets = {k: v for sec in r.values() if isinstance(sec, dict) for k, v in sec.get("targets", {}).items()}
+    if targets:
+        out += ["### Targets", "", "| target | met |", "|---|---|"]
+        out += [f"| {k} | {'yes' if v else 'no'} |" for k, v in targets.items()]
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = ("w1", "backends", "compile", "memory", "fedms")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="experiments/benchmarks/results/latest")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (default 3; tiny 1)")
+    p.add_argument("--_memory_point", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args([a for a in argv if not a.startswith("--config.")])
+    sizes = TINY if args.tiny else FULL
+    if args._memory_point is not None:
+        print(json.dumps(memory_point(sizes, args._memory_point, extra)))
+        return
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    bad = [x for x in only if x not in SECTIONS]
+    if bad:
+        p.error(f"--only: unknown section(s) {bad}; choose from {list(SECTIONS)}")
+    repeats = args.repeats or (1 if args.tiny else 3)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *argv]),
+                               "sizes": dataclasses.asdict(sizes)}
+    runners = {
+        "w1": lambda: bench_w1(sizes, repeats, extra),
+        "backends": lambda: bench_backends(sizes, repeats, extra),
+        "compile": lambda: bench_compile(sizes, extra),
+        "memory": lambda: bench_memory(sizes, ["--tiny"] if args.tiny else [], extra),
+        "fedms": lambda: bench_fedms(sizes, repeats, extra),
+    }
+    for name in only:
+        print(f"{name} ...", flush=True)
+        start = time.perf_counter()
+        results[name] = runners[name]()
+        results[name]["section_seconds"] = time.perf_counter() - start
+        # Written after every section, so a long run interrupted late keeps what it measured.
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out / "results.json")
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -124,6 +124,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config, "model.head", ("linear", "zero_shot"))
     _check_choice(config, "client.optimizer", ("sgd", "momentum", "adamw"))
     _check_choice(config, "client.schedule", ("constant", "cosine"))
+    _check(isinstance(config.client.cache_frozen, bool), "client.cache_frozen", config.client.cache_frozen, "must be true or false")
     _check_choice(config, "sal.mode", ("progressive", "all", "fixed"))
     m = config.model
     _check(m.hidden % m.heads == 0, "model.hidden", m.hidden, f"must be divisible by model.heads={m.heads}")

@@ -106,6 +106,7 @@ def build(
         batch_size=config.client.batch_size,
         init_head=built.head if tuned else None,
         frozen_head=None if tuned else built.head,
+        cache_frozen=config.client.cache_frozen,
     )
     algorithm = make_algorithm(config, common)
     if mesh is None:

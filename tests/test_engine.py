@@ -66,12 +66,12 @@ def test_one_compile_per_sal_level():
     assert sorted(p.num_active for p in engine._rounds) == [1, 2, 3]
 
 
-def test_fedavg_learns_synthetic_task():
+def test_fedavg_learns_synthetic_task(tmp_path):
     config = tiny_config("rounds=8", "client.local_steps=10", "client.optimizer=adamw", "client.lr=0.01",
                          "algorithm=fedavg", "data.alpha=1.0")
     from fedms_jax.run import run
 
-    out = run(config, "/tmp/fedms_learn_test", progress=False)
+    out = run(config, tmp_path, progress=False)  # a fresh dir: a stale one would be resumed
     assert out["metrics"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
 
 
@@ -120,3 +120,21 @@ def test_fedadam_moves_only_active_units_and_their_state():
     # Adam's first step moves every coordinate with a non-zero gradient by about lr.
     step = np.abs(flat(u1["head"]) - flat(u0["head"]))
     assert step.max() == pytest.approx(0.01, rel=0.05)
+
+
+def test_cached_frozen_part_equals_running_it_every_step():
+    """client.cache_frozen runs the SAL trunk (and FedMS's frozen global expert) once per round
+    over a client's examples; the rounds must equal running them inside every step."""
+    extra = ("algorithm=fedms", "rounds=3", "stage1_rounds=2", "data.partition=iid",
+             "client.batch_size=64")
+    outs = {}
+    for cache in (True, False):
+        config = tiny_config(*extra, f"client.cache_frozen={cache}")
+        server, clients, engine, metrics = run_rounds(config, 3)
+        max_n = engine.data.images.shape[1]
+        assert engine.algorithm.uses_cache(max_n) is cache and max_n <= 2 * 64
+        outs[cache] = (server.trainable, clients.local, [m["loss"] for m in metrics])
+    # stage 1 at k = 1 (a real trunk below) and 2, then stage 2 (cached global logits)
+    np.testing.assert_allclose(outs[True][2], outs[False][2], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(outs[True][:2]), jax.tree_util.tree_leaves(outs[False][:2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

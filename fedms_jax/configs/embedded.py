@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.client.momentum = 0.9
     c.client.weight_decay = 0.0
     c.client.schedule = "constant"
+    # Run the frozen part of the loss (SAL trunk; FedMS's frozen global expert) once per round
+    # over a client's examples instead of every step, when it holds no more examples than its
+    # steps process (max examples <= local_steps * batch_size). Same math, less work.
+    c.client.cache_frozen = True
 
     c.server = ml_collections.ConfigDict()
     c.server.optimizer = "fedavg"  # fedavg (SGD, lr 1) | fedadam

@@ -41,12 +41,6 @@ def stack_clients(dataset: Dataset, parts: list[np.ndarray]) -> ClientData:
     return ClientData(images=images, labels=labels, counts=counts)
 
 
-def sample_batch(
-    images: jax.Array, labels: jax.Array, count: jax.Array, key: jax.Array, batch_size: int
-) -> tuple[jax.Array, jax.Array]:
-    """One client's batch, uniformly with replacement from its ``count`` real examples.
-
-    images [max_n, H, W, C], labels [max_n], count scalar -> ([B, H, W, C], [B]).
-    """
-    idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(count, 1))
-    return images[idx], labels[idx]
+def sample_indices(count: jax.Array, key: jax.Array, batch_size: int) -> jax.Array:
+    """[batch_size] int32 indices, uniformly with replacement from ``[0, count)``."""
+    return jax.random.randint(key, (batch_size,), 0, jnp.maximum(count, 1))

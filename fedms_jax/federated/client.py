@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedms_jax.data.clients import sample_batch
+from fedms_jax.data.clients import sample_indices
 
 PyTree = Any
 # loss_fn(params, ctx, backbone, images float [B,H,W,C], labels [B], rng | None) -> (loss, aux)
@@ -21,6 +21,7 @@ def make_local_train(
     batch_size: int,
     prep: Callable[[jax.Array], jax.Array],
     use_rng: bool = False,
+    precompute: Callable[[PyTree, PyTree, jax.Array], PyTree] | None = None,
 ) -> Callable[..., tuple[PyTree, jax.Array, dict]]:
     """-> ``local_train(backbone, params, ctx, images, labels, count, key) -> (params, loss, aux)``.
 
@@ -30,16 +31,26 @@ def make_local_train(
     Step s samples its batch with ``fold_in(key, s)`` and ``prep`` (resize + normalise) runs in
     the jit. The optimizer state starts fresh each round and covers only ``params``. Returns the
     trained params and the mean over steps of the loss and of each ``aux`` scalar.
+
+    ``precompute(backbone, ctx, images float [n, ...]) -> per-example pytree [n, ...]``: the part
+    of the loss that no step changes (the frozen SAL trunk; a frozen expert's logits). When the
+    client holds no more examples than its steps would process (``max_n <= local_steps *
+    batch_size``, a static fact), it runs once over all of them and each step gathers its batch
+    from the result, which ``loss_fn`` then gets in place of images; otherwise every step runs it.
     """
 
     def local_train(backbone, params, ctx, images, labels, count, key):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        cached = precompute is not None and images.shape[0] <= local_steps * batch_size
+        if cached:
+            frozen = precompute(backbone, ctx, prep(images))
 
         def step(carry, i):
             params, opt_state = carry
             k_batch, k_drop = jax.random.split(jax.random.fold_in(key, i))
-            x, y = sample_batch(images, labels, count, k_batch, batch_size)
-            (loss, aux), grads = grad_fn(params, ctx, backbone, prep(x), y, k_drop if use_rng else None)
+            idx = sample_indices(count, k_batch, batch_size)
+            x = jax.tree_util.tree_map(lambda f: f[idx], frozen) if cached else prep(images[idx])
+            (loss, aux), grads = grad_fn(params, ctx, backbone, x, labels[idx], k_drop if use_rng else None)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), (loss, aux)
 

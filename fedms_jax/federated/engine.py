@@ -65,6 +65,13 @@ def _where(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
+def _flops(lowered) -> float:
+    cost = lowered.compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+        cost = cost[0]
+    return float(cost["flops"])
+
+
 def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
     """Uniform without replacement, seeded by (seed, round): a resumed run draws the same."""
     if not 1 <= cohort_size <= num_clients:
@@ -234,14 +241,21 @@ class Engine:
     def client_flops(self, server: ServerState, clients: ClientStates, phase: Phase) -> float:
         """FLOPs of one client's local training at ``phase``, from XLA's cost analysis.
 
-        The analysis counts a ``scan`` body once, so the compiled client (one step plus the
-        small per-round work) times ``local_steps`` is the client's training FLOPs.
+        The analysis counts a ``scan`` body once, so the compiled client is the once-per-round
+        work (the frozen ``precompute`` when the client caches it) plus one step: the client's
+        training FLOPs are ``once + local_steps * (compiled - once)``.
         """
+        algo = self.algorithm
         fn, broadcast, one = self._one_client(server, clients, phase)
-        cost = jax.jit(fn).lower(broadcast, one).compile().cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0]
-        return float(cost["flops"]) * self.algorithm.c.local_steps
+        total = _flops(jax.jit(fn).lower(broadcast, one))
+        once = 0.0
+        if algo.uses_cache(one["images"].shape[0]):
+            def pre(backbone, down, client):
+                _, ctx = algo.local_problem(down, client["state"], phase)
+                return algo.precompute(backbone, ctx, algo.prep(client["images"]), phase=phase)
+
+            once = _flops(jax.jit(pre).lower(*broadcast, one))
+        return once + algo.c.local_steps * (total - once)
 
     # --- evaluation ------------------------------------------------------------------------
     def evaluate_clients(

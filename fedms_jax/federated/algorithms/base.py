@@ -33,6 +33,7 @@ from fedms_jax.federated import server as srv
 from fedms_jax.federated.client import make_local_train
 from fedms_jax.federated.placement import ClientOutput
 from fedms_jax.models.expert import Expert
+from fedms_jax.models.vision import Branch
 from fedms_jax.train import cross_entropy
 
 PyTree = Any
@@ -54,7 +55,9 @@ class Common:
     client_optimizer: local optimizer (fresh state every round); server_optimizer: applied to the
     pseudo-gradient ``-mean delta`` per unit; local_steps, batch_size: local work per round;
     init_head: initial head params (CLIP zero-shot embeddings) or None for a fresh head;
-    frozen_head: the head when it is not trained (CLIP zero-shot, ``tune_head=False``).
+    frozen_head: the head when it is not trained (CLIP zero-shot, ``tune_head=False``);
+    cache_frozen: run the frozen part of the loss once per round over a client's examples
+    (``client.make_local_train``'s ``precompute``) when that is less work than every step.
     """
 
     expert: Expert
@@ -66,6 +69,7 @@ class Common:
     batch_size: int
     init_head: PyTree | None = None
     frozen_head: PyTree | None = None
+    cache_frozen: bool = True
 
 
 def delta(new: PyTree, old: PyTree) -> PyTree:
@@ -152,6 +156,7 @@ class Algorithm(abc.ABC):
         local_train = make_local_train(
             functools.partial(self.loss, phase=phase), self.c.client_optimizer, self.c.local_steps,
             self.c.batch_size, self.prep, use_rng=self.expert.lora.dropout > 0,
+            precompute=functools.partial(self.precompute, phase=phase) if self.c.cache_frozen else None,
         )
 
         def client_fn(broadcast, client):
@@ -166,6 +171,17 @@ class Algorithm(abc.ABC):
 
         return client_fn
 
+    def precompute(self, backbone, ctx, images, *, phase: Phase) -> PyTree:
+        """What the loss computes from images that no local step changes: by default the SAL
+        trunk's branch point (blocks below the active ones are frozen and LoRA-free).
+        images float [n, H, W, C] -> a per-example pytree [n, ...] that ``loss`` accepts in place
+        of images (``expert_logits`` takes either)."""
+        return self.expert.trunk(backbone, images, phase.num_active)
+
+    def uses_cache(self, max_examples: int) -> bool:
+        """Whether local training runs ``precompute`` once per round (see make_local_train)."""
+        return self.c.cache_frozen and max_examples <= self.c.local_steps * self.c.batch_size
+
     def active_names(self, phase: Phase, head: bool = True) -> list[str]:
         return srv.active_units(phase.num_active, self.expert.num_layers, head=head)
 
@@ -174,7 +190,10 @@ class Algorithm(abc.ABC):
         return srv.select(trainable, self.active_names(phase, head))
 
     def expert_logits(self, backbone, trainable, images, phase: Phase, rng=None) -> jax.Array:
-        """The SAL forward of one expert: images [B,H,W,C] float -> logits [B, C]."""
+        """The SAL forward of one expert: images [B,H,W,C] float, or their precomputed branch
+        point (a ``Branch``), -> logits [B, C]."""
+        if isinstance(images, Branch):
+            return self.logits_from_branch(backbone, trainable, images.hidden, phase, rng)
         return self.expert.logits(
             backbone, trainable, images, phase.num_active, frozen_head=self.c.frozen_head, rng=rng
         )

@@ -28,6 +28,7 @@ from fedms_jax.federated import server as srv
 from fedms_jax.federated.algorithms.base import Common, Phase, delta
 from fedms_jax.federated.algorithms.two_stage import TwoStage
 from fedms_jax.federated.engine import ClientStates, ServerState
+from fedms_jax.models.vision import Branch
 from fedms_jax.train import cross_entropy
 
 PyTree = Any
@@ -96,19 +97,36 @@ class FedMS(TwoStage):
             return {**params, "global": down["global"]}, None
         return params, down["global"]
 
+    def precompute(self, backbone, ctx, images, *, phase):
+        """Stage 2 with a frozen global expert: its logits join the branch point, so a round
+        runs the global expert's top blocks once per example instead of once per step."""
+        branch = super().precompute(backbone, ctx, images, phase=phase)
+        if phase.stage == 1 or self.train_global:
+            return branch
+        return {"branch": branch, "z_global": self.logits_from_branch(backbone, ctx, branch.hidden, phase)}
+
     def forward(self, backbone, glob, local, adapter, gate_head, images, phase, rng=None):
         """The MoFM on images [B,H,W,C]: -> (log p [B,C], z_global [B,C], z_local [B,C], w [B,2]).
 
         The trunk (blocks below the branch point) runs once for both experts and the gate.
+        ``images`` may also be ``precompute``'s output: the branch point, or it and the frozen
+        global expert's logits.
         """
         r_g, r_l = (None, None) if rng is None else jax.random.split(rng)
-        branch = self.expert.trunk(backbone, images, phase.num_active)
-        z_global = self.logits_from_branch(backbone, glob, branch.hidden, phase, r_g if self.train_global else None)
+        z_global = None
+        if isinstance(images, dict):
+            branch, z_global = images["branch"], images["z_global"]
+        elif isinstance(images, Branch):
+            branch = images
+        else:
+            branch = self.expert.trunk(backbone, images, phase.num_active)
+        if z_global is None:
+            z_global = self.logits_from_branch(backbone, glob, branch.hidden, phase, r_g if self.train_global else None)
         z_local = self.logits_from_branch(backbone, local, branch.hidden, phase, r_l)
         if self.learned_gate:
             w = mofm.gate_weights(adapter, gate_head, self.gate_features(branch), self.gate_rank)
         else:
-            w = mofm.fixed_weights(images.shape[0], self.local_weight)
+            w = mofm.fixed_weights(branch.hidden.shape[0], self.local_weight)
         return mofm.mix(w, z_global, z_local, self.mixing), z_global, z_local, w
 
     def gate_features(self, branch) -> jax.Array:

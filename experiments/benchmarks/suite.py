@@ -314,29 +314,34 @@ def machine() -> dict:
     }
 
 
+def _table(title: str, header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table under a heading, as lines (with a blank line after)."""
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
+    return [title, "", line(header), "|" + "---|" * len(header), *map(line, rows), ""]
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     out = [f"Machine: {m['device']} ({m['platform']}, {m['devices']} device(s)); CPU {m['cpu']}, {m['cpu_count']} cores; "
            f"jax {m['jax']}; XLA_FLAGS `{m['xla_flags']}`", ""]
     if "w1" in r:
         w = r["w1"]
-        out += [f"### W1: s/round, images/s, utilisation (matmul {w['matmul_n']}^2 fp32: "
-                + " / ".join(f"{x / 1e9:.0f}" for x in w["matmul_flops_per_second"])
-                + f" GFLOP/s before / after; client chunk {w['chunk_size'] or 'whole cohort'})", "",
-                "| k | s/round | images/s | GFLOP/round | GFLOP/s | utilisation | FLOP-ratio prediction | vs prediction |",
-                "|---|---|---|---|---|---|---|---|"]
-        for row in w["rows"]:
-            out.append(f"| {row['k']} | {row['median']:.3f} | {row['images_per_second']:.0f} | {row['flops_per_round'] / 1e9:.0f} | "
-                       f"{row['flops_per_second'] / 1e9:.0f} | {row['utilisation']:.0%} | {row['predicted_seconds']:.3f} | "
-                       f"{row['vs_prediction']:+.1%} |")
-        out.append("")
+        out += _table(
+            f"### W1: s/round, images/s, utilisation (matmul {w['matmul_n']}^2 fp32: "
+            + " / ".join(f"{x / 1e9:.0f}" for x in w["matmul_flops_per_second"])
+            + f" GFLOP/s before / after; client chunk {w['chunk_size'] or 'whole cohort'})",
+            ["k", "s/round", "images/s", "GFLOP/round", "GFLOP/s", "utilisation", "FLOP-ratio prediction", "vs prediction"],
+            [[row["k"], f"{row['median']:.3f}", f"{row['images_per_second']:.0f}", f"{row['flops_per_round'] / 1e9:.0f}",
+              f"{row['flops_per_second'] / 1e9:.0f}", f"{row['utilisation']:.0%}", f"{row['predicted_seconds']:.3f}",
+              f"{row['vs_prediction']:+.1%}"] for row in w["rows"]],
+        )
     if "backends" in r:
-        out += ["### W2: vmap vs sequential backend", "",
-                "| clients | vmap s/round | vmap chunk | sequential s/round | sequential / vmap |", "|---|---|---|---|---|"]
-        for row in r["backends"]["rows"]:
-            out.append(f"| {row['clients']} | {row['vmap']['median']:.3f} | {row['chunk_size'] or row['clients']} | "
-                       f"{row['sequential']['median']:.3f} | {row['ratio']:.2f}x |")
-        out.append("")
+        out += _table(
+            "### W2: vmap vs sequential backend",
+            ["clients", "vmap s/round", "vmap chunk", "sequential s/round", "sequential / vmap"],
+            [[row["clients"], f"{row['vmap']['median']:.3f}", row["chunk_size"] or row["clients"],
+              f"{row['sequential']['median']:.3f}", f"{row['ratio']:.2f}x"] for row in r["backends"]["rows"]],
+        )
     if "compile" in r:
         c = r["compile"]
         out += ["### Compilation over a growing SAL run", "",
@@ -347,28 +352,26 @@ def markdown(r: dict) -> str:
     if "memory" in r:
         mm = r["memory"]
         label = "peak device MiB" if mm["measure"] == "device_peak_bytes" else "peak host RSS during rounds MiB"
-        out += [f"### Memory vs cohort size (W2; backbone {mm['backbone_bytes'] / 2**20:.1f} MiB, "
-                f"{mm['rows'][0]['backbone_params'] / 1e6:.2f} M params)", "",
-                f"| clients | chunk | {label} | host RSS after build MiB | XLA arguments MiB | XLA temp MiB | client data MiB |",
-                "|---|---|---|---|---|---|---|"]
-        for row in mm["rows"]:
-            mib = lambda v: "-" if v is None else f"{v / 2**20:.1f}"
-            out.append(f"| {row['cohort']} | {row['chunk_size'] or row['cohort']} | {mib(row[mm['measure']])} | "
-                       f"{mib(row['rss_after_build_bytes'])} | "
-                       f"{mib(row['xla_argument_bytes'])} | {mib(row['xla_temp_bytes'])} | {mib(row['data_bytes'])} |")
-        out += ["", f"Growth per added client: {mm['growth_bytes_per_client'] / 2**20:.2f} MiB "
+        mib = lambda v: "-" if v is None else f"{v / 2**20:.1f}"
+        out += _table(
+            f"### Memory vs cohort size (W2; backbone {mm['backbone_bytes'] / 2**20:.1f} MiB, "
+            f"{mm['rows'][0]['backbone_params'] / 1e6:.2f} M params)",
+            ["clients", "chunk", label, "host RSS after build MiB", "XLA arguments MiB", "XLA temp MiB", "client data MiB"],
+            [[row["cohort"], row["chunk_size"] or row["cohort"], mib(row[mm["measure"]]), mib(row["rss_after_build_bytes"]),
+              mib(row["xla_argument_bytes"]), mib(row["xla_temp_bytes"]), mib(row["data_bytes"])] for row in mm["rows"]],
+        )
+        out += [f"Growth per added client: {mm['growth_bytes_per_client'] / 2**20:.2f} MiB "
                 f"(a per-client backbone copy would add {mm['backbone_bytes'] / 2**20:.1f} MiB).", ""]
     if "fedms" in r:
-        out += ["### FedMS stage 2 vs stage 1 (W1)", "",
-                "| k | stage 1 s/round | stage 2 s/round | time ratio | FLOP ratio |", "|---|---|---|---|---|"]
-        for row in r["fedms"]["rows"]:
-            out.append(f"| {row['k']} | {row['stage1']['median']:.3f} | {row['stage2']['median']:.3f} | "
-                       f"{row['ratio']:.2f}x | {row['flop_ratio']:.2f}x |")
-        out.append("")
+        out += _table(
+            "### FedMS stage 2 vs stage 1 (W1)",
+            ["k", "stage 1 s/round", "stage 2 s/round", "time ratio", "FLOP ratio"],
+            [[row["k"], f"{row['stage1']['median']:.3f}", f"{row['stage2']['median']:.3f}", f"{row['ratio']:.2f}x",
+              f"{row['flop_ratio']:.2f}x"] for row in r["fedms"]["rows"]],
+        )
     targets = {k: v for sec in r.values() if isinstance(sec, dict) for k, v in sec.get("targets", {}).items()}
     if targets:
-        out += ["### Targets", "", "| target | met |", "|---|---|"]
-        out += [f"| {k} | {'yes' if v else 'no'} |" for k, v in targets.items()]
+        out += _table("### Targets", ["target", "met"], [[k, "yes" if v else "no"] for k, v in targets.items()])
     return "\n".join(out) + "\n"
 
 

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __name__ == "__main__":  # before any JAX backend starts
     from fedms_jax.perf import configure_xla_cpu
@@ -92,20 +92,19 @@ def model_overrides(s: Sizes) -> list[str]:
     ]
 
 
-def make(s: Sizes, clients: int, steps: int, batch: int, *extra: str, examples: int | None = None) -> dict:
-    """``run.build`` on synthetic data at the model's resolution: ``clients`` clients, each with
-    ``examples`` examples (default: two batches), every client in the cohort."""
+def make(s: Sizes, clients: int, steps: int, batch: int, *extra: str) -> dict:
+    """``run.build`` on synthetic data at the model's resolution: ``clients`` clients with two
+    batches of examples each, every client in the cohort."""
     config = validate(apply_overrides(load_config("embedded"), model_overrides(s) + [
         f"data.num_clients={clients}", f"cohort_size={clients}", f"client.local_steps={steps}",
         f"client.batch_size={batch}", f"data.min_examples={min(batch, 16)}", "algorithm=fedavg_sal",
         "sal.mode=fixed", *extra,
     ]))
-    per_client = examples or 2 * batch
-    data = load_synthetic(num_train=clients * per_client, num_test=64, image_size=s.image, seed=config.seed)
+    data = load_synthetic(num_train=clients * 2 * batch, num_test=64, image_size=s.image, seed=config.seed)
     return build(config, datasets=data) | {"config": config}
 
 
-def timed_rounds(b: dict, phase: Phase, repeats: int, backend_round: Callable | None = None) -> dict:
+def timed_rounds(b: dict, phase: Phase, repeats: int) -> dict:
     """One warm-up round, then ``repeats`` timed rounds at ``phase``: seconds of each."""
     engine, server, clients = b["engine"], b["server"], b["clients"]
     cohort = np.arange(b["config"].cohort_size, dtype=np.int32)

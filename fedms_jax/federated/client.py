@@ -14,6 +14,12 @@ PyTree = Any
 LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array, jax.Array, Any], tuple[jax.Array, dict]]
 
 
+def caches_frozen(max_examples: int, local_steps: int, batch_size: int) -> bool:
+    """Whether running the frozen part once over a client's ``max_examples`` padded examples is
+    no more work than running it on every step's batch."""
+    return max_examples <= local_steps * batch_size
+
+
 def make_local_train(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -41,7 +47,7 @@ def make_local_train(
 
     def local_train(backbone, params, ctx, images, labels, count, key):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        cached = precompute is not None and images.shape[0] <= local_steps * batch_size
+        cached = precompute is not None and caches_frozen(images.shape[0], local_steps, batch_size)
         if cached:
             frozen = precompute(backbone, ctx, prep(images))
 

@@ -30,7 +30,7 @@ import optax
 from fedms_jax import sal
 from fedms_jax.data.preprocess import preprocess
 from fedms_jax.federated import server as srv
-from fedms_jax.federated.client import make_local_train
+from fedms_jax.federated.client import caches_frozen, make_local_train
 from fedms_jax.federated.placement import ClientOutput
 from fedms_jax.models.expert import Expert
 from fedms_jax.models.vision import Branch
@@ -180,7 +180,7 @@ class Algorithm(abc.ABC):
 
     def uses_cache(self, max_examples: int) -> bool:
         """Whether local training runs ``precompute`` once per round (see make_local_train)."""
-        return self.c.cache_frozen and max_examples <= self.c.local_steps * self.c.batch_size
+        return self.c.cache_frozen and caches_frozen(max_examples, self.c.local_steps, self.c.batch_size)
 
     def active_names(self, phase: Phase, head: bool = True) -> list[str]:
         return srv.active_units(phase.num_active, self.expert.num_layers, head=head)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from fedms_jax.data.preprocess import CLIP_STATS, IMAGENET_HALF
+from fedms_jax.data.preprocess import CLIP_STATS, IMAGENET_HALF, IMAGENET_STATS
 from fedms_jax.models.expert import Expert
 from fedms_jax.models.lora import LoRASpec
 from fedms_jax.models.transformer import EncoderSpec
@@ -55,7 +55,7 @@ def build_expert(config: ml_collections.ConfigDict, class_names: Sequence[str], 
         except ValueError as e:  # a malformed checkpoint, or one that cannot take image_size
             raise DataError(f"model.pretrained {m.pretrained!r}: {e}") from e
         spec, backbone = pre.vision_spec, pre.vision_params
-        stats = CLIP_STATS if pre.kind == "clip" else IMAGENET_HALF
+        stats = {"clip": CLIP_STATS, "dinov2": IMAGENET_STATS}.get(pre.kind, IMAGENET_HALF)
         if m.head == "zero_shot":
             if pre.kind != "clip":
                 raise ValueError(f"config.model.head = 'zero_shot' needs a CLIP checkpoint; {m.pretrained!r} is {pre.kind}")

@@ -167,6 +167,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(config.mesh.strategy != "replicated" or config.mesh.model == 1, "mesh.strategy", config.mesh.strategy,
            f"'replicated' puts the whole backbone on every device: needs mesh.model=1, got {config.mesh.model}")
     _check(config.data.alpha > 0, "data.alpha", config.data.alpha, "must be > 0")
+    _positive_int(config, "data.image_size", "data.train_examples", "data.test_examples", allow_zero=True)
+    _check(config.data.name not in ("idx", "folder") or bool(config.data.data_dir), "data.data_dir",
+           config.data.data_dir, f"data.name={config.data.name!r} reads local files: name their directory")
     _check(config.server.lr > 0, "server.lr", config.server.lr, "must be > 0")
     _check(config.cohort_size <= config.data.num_clients, "cohort_size", config.cohort_size,
            f"must be <= data.num_clients={config.data.num_clients}")

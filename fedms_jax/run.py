@@ -32,7 +32,7 @@ from fedms_jax.checkpoint import Checkpointer, config_fingerprint
 from fedms_jax.config import validate
 from fedms_jax.data import partition
 from fedms_jax.data.clients import ClientData, stack_clients
-from fedms_jax.data.sources import DataError, Dataset, load_dataset
+from fedms_jax.data.sources import DataError, Dataset, load_dataset, subsample
 from fedms_jax.federated.algorithms import Common, make_algorithm
 from fedms_jax.federated.engine import Engine, sample_cohort
 from fedms_jax.federated.server import server_optimizer
@@ -80,8 +80,12 @@ def build(
     synthetic data at the model's resolution).
     """
     if datasets is None:
-        datasets = load_dataset(config.data.name, config.data.data_dir or None, seed=config.seed)
+        datasets = load_dataset(config.data.name, config.data.data_dir or None, seed=config.seed,
+                                image_size=config.data.image_size)
     train, test = datasets
+    # Distinct streams for the two subsets (and from the partition's, which uses the bare seed).
+    train = subsample(train, config.data.train_examples, seed=[config.seed, 1])
+    test = subsample(test, config.data.test_examples, seed=[config.seed, 2])
     parts, test_parts = partition_clients(config, train, test)
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:

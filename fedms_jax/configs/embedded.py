@@ -32,13 +32,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.fedprox.mu = 0.01
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"
-    c.data.data_dir = ""
+    c.data.name = "digits"  # digits | synthetic | idx | folder | a TFDS name
+    c.data.data_dir = ""  # idx: the IDX files; folder: root/{train,test}/<class>/; TFDS: its data_dir
     c.data.num_clients = 20
     c.data.partition = "dirichlet"  # dirichlet | shards | iid
     c.data.alpha = 0.3
     c.data.min_examples = 16
     c.data.shards_per_client = 2
+    c.data.image_size = 0  # data.name=folder: resize every image to this size (0: keep; all must match)
+    c.data.train_examples = 0  # a stratified, seeded subset of the training split (0: all of it)
+    c.data.test_examples = 0  # likewise for the test split (personalised and global evaluation)
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # hub id or local directory; "" = random ViT of the shape below

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 # Normalisation constants by model family (those of the HF image processors).
 IMAGENET_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # google/vit-* processors
 CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # facebook/dinov2-* processors
 
 
 def preprocess(

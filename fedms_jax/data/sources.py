@@ -1,4 +1,5 @@
-"""Image-classification data sources: embedded offline set, TFDS, synthetic.
+"""Image-classification data sources: embedded offline set, synthetic, local files (IDX, image
+folders: ``files.py``), TFDS.
 
 Every source returns ``(train, test)`` ``Dataset``s of uint8 images [N, H, W, C] and int32
 labels [N]; resizing and normalisation happen later, inside the jitted step.
@@ -133,10 +134,39 @@ def load_tfds(
     return out[0], out[1]
 
 
-def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """By name: 'digits' (embedded), 'synthetic', or any TFDS image-classification name."""
+def subsample(dataset: Dataset, n: int, seed: int | Sequence[int]) -> Dataset:
+    """A stratified random subset of n examples (each class in proportion, largest remainders),
+    in the original order; the whole dataset when n <= 0 or n >= len(dataset)."""
+    if n <= 0 or n >= len(dataset):
+        return dataset
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    exact = counts / counts.sum() * n
+    take = np.floor(exact).astype(int)
+    take[np.argsort(-(exact - take), kind="stable")[: n - take.sum()]] += 1
+    idx = np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(dataset.labels == c), k, replace=False) for c, k in enumerate(take) if k
+    ]))
+    return Dataset(dataset.images[idx], dataset.labels[idx], dataset.class_names)
+
+
+LOCAL_SOURCES = ("digits", "synthetic", "idx", "folder")
+
+
+def load_dataset(
+    name: str, data_dir: str | None = None, seed: int = 0, image_size: int = 0
+) -> tuple[Dataset, Dataset]:
+    """By name: 'digits' (embedded), 'synthetic', 'idx' (MNIST-family IDX files in data_dir),
+    'folder' (data_dir/{train,test}/<class>/ images; ``image_size`` > 0 resizes them), or any
+    TFDS image-classification name."""
     if name == "digits":
         return load_digits(seed=seed)
     if name == "synthetic":
         return load_synthetic(seed=seed)
+    if name in ("idx", "folder"):
+        from fedms_jax.data import files
+
+        if not data_dir:
+            raise DataError(f"data.name={name!r} reads local files: set data.data_dir")
+        return files.load_idx(data_dir) if name == "idx" else files.load_image_folder(data_dir, image_size)
     return load_tfds(name, data_dir=data_dir)

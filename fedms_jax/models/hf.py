@@ -1,11 +1,13 @@
-"""Loading (and exporting) Hugging Face ViT and CLIP checkpoints.
+"""Loading (and exporting) Hugging Face ViT, CLIP and DINOv2 checkpoints.
 
 ``load_pretrained(name_or_path)`` reads ``config.json`` and the weights (``model.safetensors``,
 sharded safetensors with an index, or ``pytorch_model.bin`` -- torch is imported only for that
 last case) from a local directory, or downloads them from the hub when given a hub id. The key
 spellings are those of hub checkpoints and of ``save_pretrained`` (``encoder.layer.0.attention.
 attention.query.weight``, ``vision_model.encoder.layers.0.self_attn.q_proj.weight``), with or
-without a task-model prefix (``vit.``), and the legacy LayerNorm ``gamma``/``beta``.
+without a task-model prefix (``vit.``, ``dinov2.``), and the legacy LayerNorm ``gamma``/``beta``.
+DINOv2's ``embeddings.mask_token`` (used only in self-supervised pre-training) is not part of the
+Flax model; it is carried through unchanged so an export loads with no missing keys.
 
 One table of ``(flax path, HF key, transform)`` rows drives both directions, so
 ``to_hf_state_dict`` (export, e.g. after ``merge_lora``) is the exact inverse of loading.
@@ -27,7 +29,7 @@ from fedms_jax.models.clip import CLIP, CLIPSpec
 from fedms_jax.models.lora import LoRASpec
 from fedms_jax.models.vision import VisionSpec, VisionTransformer
 
-Kind = Literal["vit", "clip"]
+Kind = Literal["vit", "clip", "dinov2"]
 Transform = Literal["linear", "conv", "copy", "squeeze"]
 
 _HUB_PATTERNS = [
@@ -53,11 +55,13 @@ class Pretrained:
     """A loaded checkpoint.
 
     Attributes:
-      kind: 'vit' or 'clip'.
-      spec: VisionSpec (vit) or CLIPSpec (clip), built from the checkpoint's config.json.
+      kind: 'vit', 'clip' or 'dinov2'.
+      spec: VisionSpec (vit, dinov2) or CLIPSpec (clip), built from the checkpoint's config.json.
       params: the Flax 'params' tree of ``module()`` (numpy float32 arrays).
       path: the local directory it was read from (holds the tokenizer for CLIP).
       hf_config: the transformers config object.
+      extras: checkpoint tensors the Flax model does not use (DINOv2's ``embeddings.mask_token``),
+        by HF key, written back unchanged by ``save_pretrained``.
     """
 
     kind: Kind
@@ -65,6 +69,7 @@ class Pretrained:
     params: dict
     path: Path
     hf_config: Any
+    extras: dict = dataclasses.field(default_factory=dict)
 
     @property
     def vision_spec(self) -> VisionSpec:
@@ -108,7 +113,16 @@ def _blocks(root: tuple[str, ...], prefix: str, num_layers: int, flavor: Kind) -
     rows: list[_Row] = []
     for i in range(num_layers):
         b = root + ("encoder", "blocks_%d" % i)
-        if flavor == "vit":
+        if flavor == "dinov2":
+            k = f"{prefix}encoder.layer.{i}."
+            names = {
+                "ln1": "norm1", "ln2": "norm2",
+                "q": "attention.attention.query", "k": "attention.attention.key",
+                "v": "attention.attention.value", "o": "attention.output.dense",
+                "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+            }
+            rows += [_Row(b + (f"layer_scale{j}",), f"{k}layer_scale{j}.lambda1", "copy") for j in (1, 2)]
+        elif flavor == "vit":
             k = f"{prefix}encoder.layer.{i}."
             names = {
                 "ln1": "layernorm_before", "ln2": "layernorm_after",
@@ -134,14 +148,14 @@ def _blocks(root: tuple[str, ...], prefix: str, num_layers: int, flavor: Kind) -
 
 def _vision_rows(spec: VisionSpec, root: tuple[str, ...]) -> list[_Row]:
     L = spec.num_layers
-    if spec.flavor == "vit":
+    if spec.flavor in ("vit", "dinov2"):
         rows = [
             _Row(root + ("patch_embed", "kernel"), "embeddings.patch_embeddings.projection.weight", "conv"),
             _Row(root + ("patch_embed", "bias"), "embeddings.patch_embeddings.projection.bias", "copy"),
             _Row(root + ("cls_token",), "embeddings.cls_token", "squeeze"),
             _Row(root + ("pos_embed",), "embeddings.position_embeddings", "squeeze"),
         ]
-        rows += _blocks(root, "", L, "vit") + _ln(root + ("final_ln",), "layernorm")
+        rows += _blocks(root, "", L, spec.flavor) + _ln(root + ("final_ln",), "layernorm")
         if spec.pooler:
             rows += _dense(root + ("pooler",), "pooler.dense")
         return rows
@@ -192,6 +206,10 @@ def _to_hf(x: np.ndarray, transform: Transform) -> np.ndarray:
     if transform == "squeeze":
         return x.reshape((1,) * (3 - x.ndim) + x.shape)
     return x
+
+
+# Checkpoint tensors with no place in the Flax model, carried through to export.
+_EXTRAS: dict[str, tuple[str, ...]] = {"dinov2": ("embeddings.mask_token",)}
 
 
 # ----------------------------------------------------------------------------- position embeddings
@@ -301,14 +319,14 @@ def _kind_of(config: Any) -> Kind:
     model_type = getattr(config, "model_type", None)
     if model_type == "vit":
         return "vit"
-    if model_type == "clip":
-        return "clip"
-    raise ValueError(f"config.json model_type must be 'vit' or 'clip', got {model_type!r}")
+    if model_type in ("clip", "dinov2"):
+        return model_type
+    raise ValueError(f"config.json model_type must be 'vit', 'clip' or 'dinov2', got {model_type!r}")
 
 
 def _strip_prefix(state: dict[str, np.ndarray], wanted: set[str]) -> dict[str, np.ndarray]:
     """Finds the task-model prefix ('' or e.g. 'vit.') under which the wanted keys live."""
-    for prefix in ("", "vit.", "model.", "clip."):
+    for prefix in ("", "vit.", "dinov2.", "model.", "clip."):
         hits = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if any(k in wanted for k in hits):
             return hits
@@ -344,17 +362,17 @@ def _expected_shapes(spec: VisionSpec | CLIPSpec) -> dict[tuple[str, ...], tuple
 def load_pretrained(
     name_or_path: str | os.PathLike, *, image_size: int | None = None
 ) -> Pretrained:
-    """Loads a ViT or CLIP checkpoint into this package's Flax parameter tree.
+    """Loads a ViT, CLIP or DINOv2 checkpoint into this package's Flax parameter tree.
 
     Args:
       name_or_path: a local directory (config.json + weights) or a hub id such as
-        'openai/clip-vit-base-patch32'.
+        'openai/clip-vit-base-patch32' or 'facebook/dinov2-small'.
       image_size: resize the position embeddings for this input size (bicubic, as HF's
         ``interpolate_pos_encoding``); default: the checkpoint's own.
 
     Raises:
       ValueError: a checkpoint whose tensors disagree with its config (names key and shapes),
-        missing tensors, or an unsupported model type.
+        missing tensors, an unsupported model type or variant (DINOv2 with SwiGLU).
       HubUnavailableError: a hub id that cannot be fetched (e.g. offline).
     """
     from transformers import AutoConfig
@@ -371,7 +389,7 @@ def load_pretrained(
     if kind == "clip":
         spec = CLIPSpec.from_hf(hf_config, image_size=image_size)
     else:
-        spec = VisionSpec.from_hf(hf_config, image_size=image_size, pooler=True)
+        spec = VisionSpec.from_hf(hf_config, image_size=image_size, pooler=kind == "vit")
     state = {_normalise_key(k): v for k, v in _read_state_dict(path).items()}
     rows = _rows(spec)
     state = _strip_prefix(state, {r.key for r in rows})
@@ -399,7 +417,8 @@ def load_pretrained(
                 f"but config.json implies {want} (as Flax {'/'.join(row.path)})"
             )
         _set(params, row.path, x.astype(np.float32))
-    return Pretrained(kind=kind, spec=spec, params=params, path=path, hf_config=hf_config)
+    extras = {k: np.asarray(state[k]) for k in _EXTRAS.get(kind, ()) if k in state}
+    return Pretrained(kind=kind, spec=spec, params=params, path=path, hf_config=hf_config, extras=extras)
 
 
 def to_hf_state_dict(spec: VisionSpec | CLIPSpec, params: Any) -> dict[str, np.ndarray]:
@@ -418,7 +437,8 @@ def save_pretrained(pretrained: Pretrained, params: Any, directory: str | os.Pat
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
-    save_file(to_hf_state_dict(pretrained.spec, params), str(tmp), metadata={"format": "pt"})
+    state = {**to_hf_state_dict(pretrained.spec, params), **pretrained.extras}
+    save_file(state, str(tmp), metadata={"format": "pt"})
     config = copy.deepcopy(pretrained.hf_config)
     # Position embeddings may have been resized at load time: the config must say so.
     vision_config = config.vision_config if pretrained.kind == "clip" else config

@@ -51,6 +51,9 @@ class EncoderSpec:
     mlp_dim: int
     hidden_act: str
     layer_norm_eps: float
+    # DINOv2's LayerScale: each residual branch is multiplied by a learned per-channel vector
+    # (``layer_scale1/2.lambda1`` in transformers) before it is added back.
+    layer_scale: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "mlp_dim"):
@@ -65,14 +68,18 @@ class EncoderSpec:
 
     @classmethod
     def from_hf(cls, config: Any) -> "EncoderSpec":
-        """From a transformers ViTConfig, CLIPVisionConfig or CLIPTextConfig."""
+        """From a transformers ViTConfig, CLIPVisionConfig, CLIPTextConfig or Dinov2Config."""
+        dinov2 = getattr(config, "model_type", None) == "dinov2"
+        # DINOv2 configs give the MLP width as a ratio (transformers: int(hidden * mlp_ratio)).
+        mlp_dim = int(config.hidden_size * config.mlp_ratio) if dinov2 else int(config.intermediate_size)
         return cls(
             hidden_size=int(config.hidden_size),
             num_layers=int(config.num_hidden_layers),
             num_heads=int(config.num_attention_heads),
-            mlp_dim=int(config.intermediate_size),
+            mlp_dim=mlp_dim,
             hidden_act=str(config.hidden_act),
             layer_norm_eps=float(config.layer_norm_eps),
+            layer_scale=dinov2,
         )
 
 
@@ -131,7 +138,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN block: ``h + attn(ln1(h))`` then ``h + mlp(ln2(h))``."""
+    """Pre-LN block: ``h + attn(ln1(h))`` then ``h + mlp(ln2(h))``; with LayerScale (DINOv2)
+    ``h + layer_scale1 * attn(ln1(h))`` then ``h + layer_scale2 * mlp(ln2(h))``."""
 
     spec: EncoderSpec
     lora: LoRASpec | None = None
@@ -143,10 +151,16 @@ class Block(nn.Module):
         eps = self.spec.layer_norm_eps
         ln = lambda name: nn.LayerNorm(epsilon=eps, dtype=self.dtype, name=name)
         kw = dict(use_lora=use_lora, deterministic=deterministic)
-        h = h + Attention(self.spec, self.lora, self.dtype, name="attn")(
-            ln("ln1")(h), causal=self.causal, **kw
-        )
-        return h + MLP(self.spec, self.lora, self.dtype, name="mlp")(ln("ln2")(h), **kw)
+        a = Attention(self.spec, self.lora, self.dtype, name="attn")(ln("ln1")(h), causal=self.causal, **kw)
+        h = h + self._scaled("layer_scale1", a)
+        m = MLP(self.spec, self.lora, self.dtype, name="mlp")(ln("ln2")(h), **kw)
+        return h + self._scaled("layer_scale2", m)
+
+    def _scaled(self, name: str, x: jax.Array) -> jax.Array:
+        if not self.spec.layer_scale:
+            return x
+        gamma = self.param(name, nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        return x * gamma.astype(x.dtype)
 
 
 class Encoder(nn.Module):

@@ -1,9 +1,11 @@
-"""Vision transformers (HF ViTModel and CLIP's vision tower) with the SAL-aware forward.
+"""Vision transformers (HF ViTModel, CLIP's vision tower, DINOv2) with the SAL-aware forward.
 
-Both architectures are one module, ``VisionTransformer``, configured by a ``VisionSpec`` built
-from a transformers config: ViT has a biased patch embedding, a final LayerNorm over all tokens
-and an optional tanh pooler; CLIP has an unbiased patch embedding, a LayerNorm before the encoder
-(``pre_layrnorm``), a LayerNorm on the class token and a linear projection.
+The three architectures are one module, ``VisionTransformer``, configured by a ``VisionSpec``
+built from a transformers config: ViT has a biased patch embedding, a final LayerNorm over all
+tokens and an optional tanh pooler; CLIP has an unbiased patch embedding, a LayerNorm before the
+encoder (``pre_layrnorm``), a LayerNorm on the class token and a linear projection; DINOv2 is ViT
+with LayerScale in every block, no pooler, and (its linear-probe convention) features
+``[CLS] ⊕ mean(patch tokens)`` of the final LayerNorm's output, so ``feature_dim = 2 D``.
 
 SAL forward at level k (static): the lower ``L - k`` blocks are the frozen *trunk*, run without
 LoRA, and the gradient stops at their output (``stop_gradient``), so backprop never enters them:
@@ -24,7 +26,8 @@ import jax.numpy as jnp
 from fedms_jax.models.lora import LoRASpec
 from fedms_jax.models.transformer import Encoder, EncoderSpec, check_num_active
 
-Flavor = Literal["vit", "clip"]
+Flavor = Literal["vit", "clip", "dinov2"]
+FLAVORS: tuple[str, ...] = ("vit", "clip", "dinov2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,8 @@ class VisionSpec:
     Attributes:
       encoder: the blocks' shape.
       image_size, patch_size, num_channels: input geometry; tokens T = (image/patch)^2 + 1.
-      flavor: 'vit' (HF ViTModel) or 'clip' (HF CLIPVisionModelWithProjection).
+      flavor: 'vit' (HF ViTModel), 'clip' (HF CLIPVisionModelWithProjection) or 'dinov2'
+        (HF Dinov2Model; the encoder must have ``layer_scale``).
       pooler: ViT only: whether the tanh pooler exists.
       projection_dim: CLIP only: width of the image embedding.
     """
@@ -48,8 +52,15 @@ class VisionSpec:
     projection_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if self.flavor not in ("vit", "clip"):
-            raise ValueError(f"flavor must be 'vit' or 'clip', got {self.flavor!r}")
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"flavor must be one of {list(FLAVORS)}, got {self.flavor!r}")
+        if (self.flavor == "dinov2") != self.encoder.layer_scale:
+            raise ValueError(
+                f"flavor {self.flavor!r} needs encoder.layer_scale={self.flavor == 'dinov2'}, "
+                f"got {self.encoder.layer_scale}"
+            )
+        if self.flavor == "dinov2" and self.pooler:
+            raise ValueError("a DINOv2 backbone has no pooler (pooler must be False)")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
@@ -67,12 +78,17 @@ class VisionSpec:
 
     @property
     def feature_dim(self) -> int:
-        return self.projection_dim if self.flavor == "clip" else self.encoder.hidden_size
+        if self.flavor == "clip":
+            return self.projection_dim
+        return 2 * self.encoder.hidden_size if self.flavor == "dinov2" else self.encoder.hidden_size
 
     @classmethod
     def from_hf(cls, config: Any, *, image_size: int | None = None, pooler: bool = True) -> "VisionSpec":
-        """From a transformers ViTConfig, CLIPVisionConfig or CLIPConfig (its vision part)."""
+        """From a transformers ViTConfig, CLIPVisionConfig, CLIPConfig (its vision part) or
+        Dinov2Config. Raises ValueError for DINOv2 variants this module does not implement."""
         kind = type(config).__name__
+        if kind == "Dinov2Config":
+            return cls._dinov2(config, image_size)
         if kind == "CLIPConfig":
             vision = config.vision_config
             return cls._clip(vision, int(config.projection_dim), image_size)
@@ -87,7 +103,34 @@ class VisionSpec:
                 flavor="vit",
                 pooler=pooler,
             )
-        raise ValueError(f"config must be a ViTConfig, CLIPVisionConfig or CLIPConfig, got {kind}")
+        raise ValueError(
+            f"config must be a ViTConfig, CLIPVisionConfig, CLIPConfig or Dinov2Config, got {kind}"
+        )
+
+    @classmethod
+    def _dinov2(cls, config: Any, image_size: int | None) -> "VisionSpec":
+        if getattr(config, "use_swiglu_ffn", False):
+            raise ValueError(
+                "Dinov2Config.use_swiglu_ffn = True (the SwiGLU MLP of DINOv2-g) is not supported: "
+                "use a checkpoint with the standard GELU MLP (dinov2-small / -base / -large)"
+            )
+        if not getattr(config, "qkv_bias", True):
+            raise ValueError("Dinov2Config.qkv_bias = False is not supported (query/key/value need biases)")
+        sizes = {}
+        for name in ("image_size", "patch_size"):
+            v = getattr(config, name)
+            if isinstance(v, (list, tuple)):
+                if len(set(v)) != 1:
+                    raise ValueError(f"Dinov2Config.{name} = {list(v)}: only square sizes are supported")
+                v = v[0]
+            sizes[name] = int(v)
+        return cls(
+            encoder=EncoderSpec.from_hf(config),
+            image_size=int(image_size or sizes["image_size"]),
+            patch_size=sizes["patch_size"],
+            num_channels=int(config.num_channels),
+            flavor="dinov2",
+        )
 
     @classmethod
     def _clip(cls, vision: Any, projection_dim: int, image_size: int | None) -> "VisionSpec":
@@ -150,7 +193,7 @@ class VisionTransformer(nn.Module):
         eps = spec.encoder.layer_norm_eps
         p = spec.patch_size
         self.patch_embed = nn.Conv(
-            d, (p, p), strides=(p, p), padding="VALID", use_bias=spec.flavor == "vit",
+            d, (p, p), strides=(p, p), padding="VALID", use_bias=spec.flavor != "clip",
             dtype=self.dtype,
         )
         self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (d,))
@@ -182,7 +225,11 @@ class VisionTransformer(nn.Module):
         return h
 
     def pool(self, hidden: jax.Array) -> jax.Array:
-        """Final token states [B, T, D] -> features [B, F] (LN'd class token; CLIP: projected)."""
+        """Final token states [B, T, D] -> features [B, F]: the LN'd class token (CLIP: then
+        projected; DINOv2: concatenated with the mean of the LN'd patch tokens, F = 2 D)."""
+        if self.spec.flavor == "dinov2":
+            h = self.final_ln(hidden)
+            return jnp.concatenate([h[:, 0], h[:, 1:].mean(axis=1)], axis=-1)
         cls = self.final_ln(hidden[:, 0])
         return self.projection(cls) if self.spec.flavor == "clip" else cls
 

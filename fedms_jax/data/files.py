@@ -1,0 +1,182 @@
+"""Image-classification data from local files: IDX (the MNIST family) and image folders.
+
+* IDX (``data.name='idx'``): ``data.data_dir`` holds ``train-images-idx3-ubyte``,
+  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
+  optionally gzipped (``.gz``), with ``-idx`` or ``.idx`` before the type. MNIST, Fashion-MNIST
+  (Debian: ``apt-get install dataset-fashion-mnist`` -> ``/usr/share/datasets/fashion-mnist``),
+  KMNIST and EMNIST ship in this format. An optional ``classes.txt`` (one name per line) names the
+  classes; otherwise a directory named like ``fashion-mnist`` gets Fashion-MNIST's ten names, and
+  any other the class indices.
+* Image folders (``data.name='folder'``): ``data.data_dir/{train,test}/<class>/*.png|jpg|jpeg|bmp``
+  (the torchvision ``ImageFolder`` layout). Classes are the train split's sub-directories, sorted.
+  Images must share one size unless ``data.image_size`` > 0 resizes them (PIL, bicubic). If every
+  image is grey the data stay 1-channel (the jitted preprocessing repeats them to the model's 3).
+
+Every malformed input is a ``DataError`` naming the file and the problem, raised while loading,
+before anything compiles.
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from fedms_jax.data.sources import DataError, Dataset
+
+IDX_DTYPES = {0x08: np.uint8}  # unsigned byte: images and labels of every MNIST-family set
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """One IDX file (optionally gzipped) -> its array, validated against its own header.
+
+    Header: two zero bytes, a type code (0x08 = uint8), the number of dimensions, then each
+    dimension as a big-endian int32; then the data, row-major.
+    """
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip raises these on truncated or corrupt archives
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    if len(raw) < 4:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
+    if raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: bad IDX magic number 0x{raw[:4].hex()} (must start with two zero bytes)")
+    code, ndim = raw[2], raw[3]
+    if code not in IDX_DTYPES:
+        raise DataError(f"{path}: IDX type code 0x{code:02x} is not supported (only 0x08, unsigned byte)")
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: IDX header declares {ndim} dimensions but the file has {len(raw)} bytes")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", ndim, offset=4))
+    want = int(np.prod(dims)) * np.dtype(IDX_DTYPES[code]).itemsize
+    if len(raw) - header != want:
+        raise DataError(
+            f"{path}: IDX header says shape {dims} ({want} data bytes) but the file holds "
+            f"{len(raw) - header} (truncated or wrong file)"
+        )
+    return np.frombuffer(raw, IDX_DTYPES[code], offset=header).reshape(dims)
+
+
+def _idx_file(directory: Path, split: str, kind: str) -> Path:
+    """``{split}-{images-idx3,labels-idx1}-ubyte[.gz]`` (also ``images.idx3``) in directory."""
+    stem, nd = ("images", 3) if kind == "images" else ("labels", 1)
+    names = [f"{split}-{stem}{sep}idx{nd}-ubyte{gz}" for sep in ("-", ".") for gz in ("", ".gz")]
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(f"data.data_dir {str(directory)!r} has no {names[0]} (nor {', '.join(names[1:])})")
+
+
+def _class_names(directory: Path, num_classes: int) -> tuple[str, ...]:
+    listing = directory / "classes.txt"
+    if listing.is_file():
+        names = tuple(l.strip() for l in listing.read_text().splitlines() if l.strip())
+        if len(names) < num_classes:
+            raise DataError(f"{listing} names {len(names)} classes but the labels go up to {num_classes - 1}")
+        return names
+    if "fashion" in directory.name.lower() and num_classes == 10:
+        return FASHION_MNIST_CLASSES
+    return tuple(str(i) for i in range(num_classes))
+
+
+def load_idx(data_dir: str | Path) -> tuple[Dataset, Dataset]:
+    """The train (``train-*``) and test (``t10k-*``) splits of an IDX directory."""
+    directory = Path(data_dir).expanduser()
+    if not directory.is_dir():
+        raise DataError(f"data.data_dir {str(data_dir)!r} is not a directory (data.name='idx' needs the IDX files)")
+    arrays = {}
+    for split in ("train", "t10k"):
+        images_path, labels_path = _idx_file(directory, split, "images"), _idx_file(directory, split, "labels")
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3:
+            raise DataError(f"{images_path}: images must be [N, rows, cols], the header says {images.shape}")
+        if labels.ndim != 1:
+            raise DataError(f"{labels_path}: labels must be [N], the header says {labels.shape}")
+        if len(images) != len(labels):
+            raise DataError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
+        arrays[split] = (images[..., None], labels.astype(np.int32))
+    if arrays["train"][0].shape[1:] != arrays["t10k"][0].shape[1:]:
+        raise DataError(f"train images are {arrays['train'][0].shape[1:3]} but t10k images {arrays['t10k'][0].shape[1:3]}")
+    num_classes = int(max(arrays["train"][1].max(), arrays["t10k"][1].max())) + 1
+    names = _class_names(directory, num_classes)
+    return Dataset(*arrays["train"], names), Dataset(*arrays["t10k"], names)
+
+
+def _read_image(path: Path, image_size: int):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = "L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB"
+            im = im.convert(mode)
+            if image_size:
+                im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            return np.asarray(im, np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
+
+
+def _folder_split(split_dir: Path, classes: tuple[str, ...], image_size: int) -> tuple[list[np.ndarray], list[int], list[Path]]:
+    images, labels, paths = [], [], []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            continue  # a test split may lack some classes
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {class_dir} has no images ({'/'.join(IMAGE_SUFFIXES)})")
+        for f in files:
+            images.append(_read_image(f, image_size))
+            labels.append(label)
+            paths.append(f)
+    return images, labels, paths
+
+
+def load_image_folder(root: str | Path, image_size: int = 0) -> tuple[Dataset, Dataset]:
+    """``root/{train,test}/<class>/*.png|jpg|jpeg|bmp`` -> (train, test).
+
+    Args:
+      root: the data directory.
+      image_size: > 0 resizes every image to image_size x image_size (PIL bicubic); 0 keeps
+        them as they are, and then they must all share one size.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.data_dir {str(root)!r} is not a directory (data.name='folder' needs root/{{train,test}}/<class>/)")
+    splits = {s: root / s for s in ("train", "test")}
+    for s, d in splits.items():
+        if not d.is_dir():
+            raise DataError(f"image folder {root} has no {s}/ sub-directory")
+    classes = tuple(sorted(p.name for p in splits["train"].iterdir() if p.is_dir()))
+    if len(classes) < 2:
+        raise DataError(f"{splits['train']} must hold one sub-directory per class (at least 2), found {list(classes)}")
+    unknown = sorted(p.name for p in splits["test"].iterdir() if p.is_dir() and p.name not in classes)
+    if unknown:
+        raise DataError(f"{splits['test']} has class folders {unknown} that {splits['train']} lacks")
+    loaded = {s: _folder_split(d, classes, image_size) for s, d in splits.items()}
+    every = loaded["train"][0] + loaded["test"][0]
+    paths = loaded["train"][2] + loaded["test"][2]
+    if not loaded["test"][0]:
+        raise DataError(f"{splits['test']} holds no images")
+    shape = every[0].shape[:2]
+    for im, p in zip(every, paths):
+        if im.shape[:2] != shape:
+            raise DataError(
+                f"{p} is {im.shape[1]}x{im.shape[0]} but {paths[0]} is {shape[1]}x{shape[0]}: set "
+                "data.image_size to resize every image to one size"
+            )
+    grey = all(im.ndim == 2 for im in every)
+
+    def stack(images: list[np.ndarray], labels: list[int]) -> Dataset:
+        arr = np.stack([im if im.ndim == 3 else (im[..., None] if grey else np.repeat(im[..., None], 3, -1)) for im in images])
+        return Dataset(arr.astype(np.uint8), np.asarray(labels, np.int32), classes)
+
+    return stack(*loaded["train"][:2]), stack(*loaded["test"][:2])

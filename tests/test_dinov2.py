@@ -183,3 +183,37 @@ def test_dinov2_sal_trunk_top_and_sharding_rules(dino):
     for strategy in sharding.STRATEGIES:
         specs = sharding.partition_specs(pt.params, strategy, model_size=2)
         assert jax.tree_util.tree_structure(specs) == jax.tree_util.tree_structure(pt.params)
+
+
+def test_fedms_runs_on_a_dinov2_checkpoint_and_idx_files_and_plans(dino, tmp_path):
+    """End to end offline: IDX files + a DINOv2 directory through `run` (both FedMS stages, the
+    DINOv2 head, SAL levels 1 and 2) and `fedms-jax plan` on the same config."""
+    import struct
+
+    from fed_helpers import tiny_config
+
+    from fedms_jax import plan
+    from fedms_jax.run import run
+
+    d, _ = dino
+    rng = np.random.default_rng(0)
+    data = tmp_path / "idx"
+    data.mkdir()
+    for split, n in (("train", 160), ("t10k", 40)):
+        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 4)):
+            arr = np.asarray(arr, np.uint8)
+            header = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape)
+            (data / f"{split}-{kind}-ubyte").write_bytes(header + arr.tobytes())
+    config = tiny_config("algorithm=fedms", "rounds=2", "stage1_rounds=1", "sal.k0=1", "sal.every=1",
+                         f"model.pretrained={d}", "model.image_size=28", "data.name=idx",
+                         f"data.data_dir={data}", "data.train_examples=120", "data.test_examples=32")
+    out = run(config, tmp_path / "work", progress=False)
+    m = out["metrics"]
+    assert m["stage"] == 2 and m["active_blocks"] == 2 and np.isfinite(m["loss"])
+    assert 0.0 <= m["personalized_accuracy"] <= 1.0 and 0.0 <= m["gate_local_weight"] <= 1.0
+    b = out["build"]
+    assert b["expert"].spec.flavor == "dinov2" and b["expert"].spec.feature_dim == 64
+    assert len(b["train"]) == 120 and len(b["test"]) == 32
+    assert b["stats"] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv2's processor
+    rows = plan.plan(config, [plan.Layout(1, 1, "replicated")])
+    assert rows and "error" not in rows[0] and rows[0]["backbone_mb"] > 0

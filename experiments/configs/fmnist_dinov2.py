@@ -13,8 +13,8 @@ Scale, chosen by measurement on this project's 2-core CPU machine so that one ru
 five minutes (the FedMS comparison runs some 40 of them): 56 px inputs (4 x 4 = 16 patches of
 14 px; a Fashion-MNIST image is 28 px, so larger inputs add no detail, only cost: see
 ``experiments/results/linear_probe/RESULTS.md``), a stratified 12,000-image training subset
-(120 per client on average) and a 2,000-image test subset, 4 local steps of 32, 20 rounds (10 of
-stage 1, 10 of stage 2), SAL growing from the top block by one block every 4 rounds. Seconds per
+(120 per client on average) and a 2,000-image test subset, 4 local steps of 32 (adamw, lr 3e-3), 20 rounds (10 of
+stage 1, 10 of stage 2), SAL growing from the top block by one block every 5 rounds. Seconds per
 round and accuracy of this setting are in ``experiments/results/fmnist_dinov2/``.
 
     fedms-jax run --config experiments/configs/fmnist_dinov2.py --config.model.pretrained=DIR
@@ -27,7 +27,7 @@ def get_config():
     c.rounds = 20
     c.stage1_rounds = 10
     c.cohort_size = 10  # 10% participation
-    c.eval_every = 5
+    c.eval_every = 10  # at the end of each stage: an evaluation costs about as much as 3 rounds
     c.eval_clients = 10
 
     c.data.name = "idx"
@@ -58,12 +58,12 @@ def get_config():
     c.sal.mode = "progressive"
     c.sal.k0 = 1
     c.sal.step = 1
-    c.sal.every = 4
+    c.sal.every = 5
 
     c.client.local_steps = 4
     c.client.batch_size = 32
     c.client.optimizer = "adamw"
-    c.client.lr = 1e-3
+    c.client.lr = 3e-3
 
     c.checkpoint.every = 10
     return c

@@ -7,6 +7,7 @@ and FLOPs a round must process, the backbone counted once).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,10 @@ SUITE = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "su
 
 def test_suite_tiny_runs_every_section(tmp_path: Path) -> None:
     out = tmp_path / "bench"
+    # Without the test session's compilation cache: the suite counts XLA compilations.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
     proc = subprocess.run([sys.executable, str(SUITE), "--tiny", "--out", str(out)], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())
     sizes = r["sizes"]

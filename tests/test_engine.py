@@ -94,7 +94,9 @@ def test_bytes_count_active_units_only(vmap_two_rounds):
 
 def test_eight_devices_match_one_device(tmp_path, vmap_two_rounds):
     ref, _, _ = vmap_two_rounds
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    # The session's own XLA flags (conftest) are kept.
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
     out = tmp_path / "out.npz"
     r = subprocess.run([sys.executable, str(HERE / "multidevice_worker.py"), str(out)], env=env,
                        capture_output=True, text=True, timeout=600, cwd=HERE)

@@ -109,35 +109,28 @@ def _ln(path: tuple[str, ...], key: str) -> list[_Row]:
     return [_Row(path + ("scale",), key + ".weight", "copy"), _Row(path + ("bias",), key + ".bias", "copy")]
 
 
+# Per flavor: the HF key of block i (before the role), and the HF name of each role in a block.
+_ATTN_VIT = {"q": "attention.attention.query", "k": "attention.attention.key",
+             "v": "attention.attention.value", "o": "attention.output.dense"}
+_BLOCK_KEYS: dict[str, tuple[str, dict[str, str]]] = {
+    "vit": ("encoder.layer.{i}.", {"ln1": "layernorm_before", "ln2": "layernorm_after", **_ATTN_VIT,
+                                   "fc1": "intermediate.dense", "fc2": "output.dense"}),
+    "dinov2": ("encoder.layer.{i}.", {"ln1": "norm1", "ln2": "norm2", **_ATTN_VIT,
+                                      "fc1": "mlp.fc1", "fc2": "mlp.fc2"}),
+    "clip": ("encoder.layers.{i}.", {"ln1": "layer_norm1", "ln2": "layer_norm2", "q": "self_attn.q_proj",
+                                     "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+                                     "fc1": "mlp.fc1", "fc2": "mlp.fc2"}),
+}
+
+
 def _blocks(root: tuple[str, ...], prefix: str, num_layers: int, flavor: Kind) -> list[_Row]:
     rows: list[_Row] = []
+    block_key, names = _BLOCK_KEYS[flavor]
     for i in range(num_layers):
         b = root + ("encoder", "blocks_%d" % i)
-        if flavor == "dinov2":
-            k = f"{prefix}encoder.layer.{i}."
-            names = {
-                "ln1": "norm1", "ln2": "norm2",
-                "q": "attention.attention.query", "k": "attention.attention.key",
-                "v": "attention.attention.value", "o": "attention.output.dense",
-                "fc1": "mlp.fc1", "fc2": "mlp.fc2",
-            }
+        k = prefix + block_key.format(i=i)
+        if flavor == "dinov2":  # LayerScale
             rows += [_Row(b + (f"layer_scale{j}",), f"{k}layer_scale{j}.lambda1", "copy") for j in (1, 2)]
-        elif flavor == "vit":
-            k = f"{prefix}encoder.layer.{i}."
-            names = {
-                "ln1": "layernorm_before", "ln2": "layernorm_after",
-                "q": "attention.attention.query", "k": "attention.attention.key",
-                "v": "attention.attention.value", "o": "attention.output.dense",
-                "fc1": "intermediate.dense", "fc2": "output.dense",
-            }
-        else:
-            k = f"{prefix}encoder.layers.{i}."
-            names = {
-                "ln1": "layer_norm1", "ln2": "layer_norm2",
-                "q": "self_attn.q_proj", "k": "self_attn.k_proj",
-                "v": "self_attn.v_proj", "o": "self_attn.out_proj",
-                "fc1": "mlp.fc1", "fc2": "mlp.fc2",
-            }
         rows += _ln(b + ("ln1",), k + names["ln1"]) + _ln(b + ("ln2",), k + names["ln2"])
         for n in ("q", "k", "v", "o"):
             rows += _dense(b + ("attn", n), k + names[n])

@@ -61,11 +61,21 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, current value) for every key that matters and differs."""
+    """(key, saved value, current value) for every key that matters and differs.
+
+    A key the checkpoint lacks (added to the package after it was written) counts as unchanged
+    when it holds its built-in default: that run behaved as the default does."""
+    from fedms_jax.config import load_config
+
     now = config_fingerprint(config)
+    defaults = config_fingerprint(load_config("embedded"))
     keys = sorted(set(saved) | set(now))
     matters = lambda k: not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
-    return [(k, saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in keys if matters(k) and saved.get(k) != now.get(k)]
+    added_at_default = lambda k: k not in saved and k in defaults and now.get(k) == defaults[k]
+    return [
+        (k, saved.get(k, "<absent>"), now.get(k, "<absent>"))
+        for k in keys if matters(k) and saved.get(k) != now.get(k) and not added_at_default(k)
+    ]
 
 
 class Checkpointer:

@@ -174,3 +174,43 @@ def test_cli_rejects_bad_local_data_before_compiling(tmp_path, capsys):
     assert not work.exists()
     assert main(["run", "--workdir", str(work), "--config.data.name=folder"]) == 2
     assert "config.data.data_dir" in capsys.readouterr().err
+
+
+def test_idx_corrupt_gzip_body_is_a_data_error(tmp_path):
+    _write_idx_dir(tmp_path)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[12:20] = b"\xff" * 8  # inside the deflate stream: zlib.error, not OSError
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="cannot read") as e:
+        files.load_idx(tmp_path)
+    assert str(path) in str(e.value)
+
+
+def test_image_folder_16_bit_grey_is_scaled_and_32_bit_refused(tmp_path):
+    _folder(tmp_path, mode="L")
+    deep = tmp_path / "train" / "ant" / "0.png"
+    values = np.zeros((4, 5), np.uint16)  # the folder's images are 5 wide, 4 high
+    values[0, :4] = [0, 257, 65535, 32896]
+    Image.fromarray(values).save(deep)  # uint16 -> mode I;16
+    train, _ = load_dataset("folder", str(tmp_path))
+    np.testing.assert_array_equal(train.images[0, 0, :4, 0], [0, 1, 255, 128])  # top 8 bits, not clipped
+    Image.fromarray(np.zeros((4, 5), np.float32)).save(tmp_path / "train" / "ant" / "1.tiff")
+    with pytest.raises(DataError, match="32-bit"):
+        load_dataset("folder", str(tmp_path))
+
+
+def test_subsample_is_stratified_exact_and_seeded():
+    from fedms_jax.data.sources import Dataset, subsample
+
+    labels = np.repeat(np.arange(4), [50, 30, 15, 5]).astype(np.int32)
+    ds = Dataset(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1), labels, ("a", "b", "c", "d"))
+    sub = subsample(ds, 20, seed=3)
+    assert len(sub) == 20
+    np.testing.assert_array_equal(np.bincount(sub.labels, minlength=4), [10, 6, 3, 1])  # 50:30:15:5
+    # The images travel with their labels, in the original order, and the seed fixes the draw.
+    np.testing.assert_array_equal(labels[sub.images.ravel()], sub.labels)
+    assert (np.diff(sub.images.ravel().astype(int)) > 0).all()
+    np.testing.assert_array_equal(subsample(ds, 20, seed=3).images, sub.images)
+    assert not np.array_equal(subsample(ds, 20, seed=4).images, sub.images)
+    assert subsample(ds, 0, seed=3) is ds and subsample(ds, 100, seed=3) is ds

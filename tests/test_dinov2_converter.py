@@ -131,5 +131,15 @@ def test_convert_from_a_wheel_and_refuses_a_non_dinov2_graph(exported, tmp_path)
     model.graph.initializer.extend(keep)
     with pytest.raises(conv.ConversionError, match="cls_token"):
         conv.extract(model)
+    model = onnx.load(str(path))  # a graph missing one block tensor: refused, not filled in later
+    keep = [t for t in model.graph.initializer if t.name != "backbone.encoder.layer.1.norm2.weight"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    with pytest.raises(conv.ConversionError, match="encoder.layer.1.norm2.weight"):
+        conv.extract(model)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all \xff\xfe")
+    assert conv.main(["--source", str(garbage), "--out", str(tmp_path / "y")]) == 1
+    assert not (tmp_path / "y").exists()
     assert conv.main(["--source", str(tmp_path / "missing.whl"), "--out", str(tmp_path / "x")]) == 1
     assert not (tmp_path / "x").exists()

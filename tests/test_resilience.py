@@ -277,3 +277,15 @@ def test_report_writes_summary_plots_and_tensorboard(three_rounds, tmp_path):
             seen[(v.tag, event.step)] = v.simple_value
     assert seen[("personalized_accuracy", 3)] == pytest.approx(lines[-1]["personalized_accuracy"], rel=1e-6)
     assert seen[("loss", 1)] == pytest.approx(lines[0]["loss"], rel=1e-6)
+
+
+def test_keys_added_after_a_checkpoint_count_as_unchanged_at_their_default():
+    """A checkpoint written before a config key existed resumes when the key holds its
+    built-in default, and not when it was changed."""
+    from fedms_jax.checkpoint import config_changes, config_fingerprint
+
+    config = tiny_config()
+    old = {k: v for k, v in config_fingerprint(config).items() if not k.startswith("data.train_examples")}
+    assert config_changes(old, config) == []
+    changed = tiny_config("data.train_examples=100")
+    assert config_changes(old, changed) == [("data.train_examples", "<absent>", 100)]

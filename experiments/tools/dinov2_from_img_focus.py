@@ -155,6 +155,19 @@ def backbone_output_name(graph) -> str:
     return outs[-1]
 
 
+def _expected_keys(num_layers: int) -> list[str]:
+    """Every tensor of a GELU-MLP Dinov2Model, by its facebook/dinov2 key."""
+    keys = ["embeddings.cls_token", "embeddings.mask_token", "embeddings.position_embeddings",
+            "embeddings.patch_embeddings.projection.weight", "embeddings.patch_embeddings.projection.bias",
+            "layernorm.weight", "layernorm.bias"]
+    for i in range(num_layers):
+        p = f"encoder.layer.{i}."
+        keys += [p + f"{n}.{w}" for n in ("norm1", "norm2") for w in ("weight", "bias")]
+        keys += [p + f"{r}.{w}" for r in sorted(set(_ROLES.values())) for w in ("weight", "bias")]
+        keys += [p + "layer_scale1.lambda1", p + "layer_scale2.lambda1"]
+    return keys
+
+
 def extract(model: Any, num_heads: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """ONNX model -> (HF state dict with facebook/dinov2 key names, Dinov2Config kwargs)."""
     from onnx import numpy_helper
@@ -205,6 +218,9 @@ def extract(model: Any, num_heads: int | None = None) -> tuple[dict[str, np.ndar
     layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")})
     if layers != list(range(len(layers))) or not layers:
         raise ConversionError(f"encoder layers found: {layers}; expected 0..L-1")
+    missing = [k for k in _expected_keys(len(layers)) if k not in state]
+    if missing:
+        raise ConversionError(f"the graph lacks {len(missing)} backbone tensor(s), e.g. {missing[:4]}")
     conv = state["embeddings.patch_embeddings.projection.weight"]
     patch, channels = int(conv.shape[-1]), int(conv.shape[1])
     num_patches = state["embeddings.position_embeddings"].shape[1] - 1
@@ -339,8 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         convert(args.source, args.out, num_heads=args.num_heads, check=not args.no_check, image_size=args.image_size)
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
+    except (ConversionError, OSError, zipfile.BadZipFile) as e:  # OSError: missing, existing, unwritable
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # onnx.load on a file that is not an ONNX model (protobuf DecodeError)
+        if type(e).__name__ != "DecodeError":
+            raise
+        print(f"error: --source is not a readable ONNX model ({e})", file=sys.stderr)
         return 1
     return 0
 

@@ -7,10 +7,10 @@
   KMNIST and EMNIST ship in this format. An optional ``classes.txt`` (one name per line) names the
   classes; otherwise a directory named like ``fashion-mnist`` gets Fashion-MNIST's ten names, and
   any other the class indices.
-* Image folders (``data.name='folder'``): ``data.data_dir/{train,test}/<class>/*.png|jpg|jpeg|bmp``
+* Image folders (``data.name='folder'``): ``data.data_dir/{train,test}/<class>/*.png|jpg|jpeg|bmp|tif``
   (the torchvision ``ImageFolder`` layout). Classes are the train split's sub-directories, sorted.
-  Images must share one size unless ``data.image_size`` > 0 resizes them (PIL, bicubic). If every
-  image is grey the data stay 1-channel (the jitted preprocessing repeats them to the model's 3).
+  16-bit grey images keep their top 8 bits; 32-bit ones are refused. Images must share one size
+  unless ``data.image_size`` > 0 resizes them (PIL, bicubic). If every image is grey the data stay 1-channel (the jitted preprocessing repeats them to the model's 3).
 
 Every malformed input is a ``DataError`` naming the file and the problem, raised while loading,
 before anything compiles.
@@ -18,6 +18,7 @@ before anything compiles.
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import numpy as np
 from fedms_jax.data.sources import DataError, Dataset
 
 IDX_DTYPES = {0x08: np.uint8}  # unsigned byte: images and labels of every MNIST-family set
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -42,7 +43,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # gzip raises these on truncated or corrupt archives
+    except (OSError, EOFError, zlib.error) as e:  # gzip: truncated or corrupt archives
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
     if len(raw) < 4:
         raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
@@ -77,7 +78,11 @@ def _idx_file(directory: Path, split: str, kind: str) -> Path:
 def _class_names(directory: Path, num_classes: int) -> tuple[str, ...]:
     listing = directory / "classes.txt"
     if listing.is_file():
-        names = tuple(l.strip() for l in listing.read_text().splitlines() if l.strip())
+        try:
+            text = listing.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{listing}: cannot read it as UTF-8 text ({e})") from e
+        names = tuple(l.strip() for l in text.splitlines() if l.strip())
         if len(names) < num_classes:
             raise DataError(f"{listing} names {len(names)} classes but the labels go up to {num_classes - 1}")
         return names
@@ -101,6 +106,8 @@ def load_idx(data_dir: str | Path) -> tuple[Dataset, Dataset]:
             raise DataError(f"{labels_path}: labels must be [N], the header says {labels.shape}")
         if len(images) != len(labels):
             raise DataError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
+        if len(images) == 0:
+            raise DataError(f"{images_path} holds no images")
         arrays[split] = (images[..., None], labels.astype(np.int32))
     if arrays["train"][0].shape[1:] != arrays["t10k"][0].shape[1:]:
         raise DataError(f"train images are {arrays['train'][0].shape[1:3]} but t10k images {arrays['t10k'][0].shape[1:3]}")
@@ -115,8 +122,14 @@ def _read_image(path: Path, image_size: int):
     try:
         with Image.open(path) as im:
             im.load()
-            mode = "L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB"
-            im = im.convert(mode)
+            if im.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits (PIL's "L" clips)
+                im = Image.fromarray((np.asarray(im, np.uint16) >> 8).astype(np.uint8))
+            elif im.mode in ("I", "F"):
+                raise DataError(
+                    f"{path}: {im.mode!r} (32-bit) images have no fixed range to map to 8 bits; "
+                    "convert them to 8-bit PNG/JPEG"
+                )
+            im = im.convert("L" if im.mode in ("1", "L") else "RGB")
             if image_size:
                 im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
             return np.asarray(im, np.uint8)

@@ -10,7 +10,8 @@
 * Image folders (``data.name='folder'``): ``data.data_dir/{train,test}/<class>/*.png|jpg|jpeg|bmp|tif``
   (the torchvision ``ImageFolder`` layout). Classes are the train split's sub-directories, sorted.
   16-bit grey images keep their top 8 bits; 32-bit ones are refused. Images must share one size
-  unless ``data.image_size`` > 0 resizes them (PIL, bicubic). If every image is grey the data stay 1-channel (the jitted preprocessing repeats them to the model's 3).
+  unless ``data.image_size`` > 0 resizes them (PIL, bicubic). If every image is grey the data
+  stay 1-channel (the jitted preprocessing repeats them to the model's 3).
 
 Every malformed input is a ``DataError`` naming the file and the problem, raised while loading,
 before anything compiles.

@@ -40,6 +40,13 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(out))
 
 
+def _padded_batches(images_u8: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Whole batches of ``batch`` images (the last one zero-padded), so one program serves all."""
+    pad = (-len(images_u8)) % batch
+    x = np.concatenate([images_u8, np.zeros((pad,) + images_u8.shape[1:], np.uint8)])
+    return [x[i:i + batch] for i in range(0, len(x), batch)]
+
+
 def extract(module, params, images_u8: np.ndarray, size: int, stats, batch: int = 250) -> tuple[np.ndarray, float, float]:
     """Frozen features [N, F] of uint8 images, with images/s and forward GFLOPs per image."""
     import jax
@@ -54,16 +61,15 @@ def extract(module, params, images_u8: np.ndarray, size: int, stats, batch: int 
         return module.apply({"params": p}, preprocess(x, size, mean, std, 3)).features
 
     n = len(images_u8)
-    pad = (-n) % batch
-    x = np.concatenate([images_u8, np.zeros((pad,) + images_u8.shape[1:], np.uint8)])
-    compiled = features.lower(params, jnp.asarray(x[:batch])).compile()
+    batches = _padded_batches(images_u8, batch)
+    compiled = features.lower(params, jnp.asarray(batches[0])).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     gflops = float(cost["flops"]) / batch / 1e9
     out = []
     start = time.perf_counter()
-    for i in range(0, len(x), batch):
-        out.append(np.asarray(compiled(params, jnp.asarray(x[i:i + batch]))))
+    for xb in batches:
+        out.append(np.asarray(compiled(params, jnp.asarray(xb))))
     seconds = time.perf_counter() - start
     return np.concatenate(out)[:n], n / seconds, gflops
 
@@ -86,10 +92,8 @@ def extract_by_depth(module, params, images_u8: np.ndarray, size: int, stats, ba
         return jnp.stack(out)
 
     fn = jax.jit(lambda p, x: module.apply({"params": p}, preprocess(x, size, mean, std, 3), method=per_depth))
-    n = len(images_u8)
-    pad = (-n) % batch
-    x = np.concatenate([images_u8, np.zeros((pad,) + images_u8.shape[1:], np.uint8)])
-    return np.concatenate([np.asarray(fn(params, jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)], 1)[:, :n]
+    out = [np.asarray(fn(params, jnp.asarray(xb))) for xb in _padded_batches(images_u8, batch)]
+    return np.concatenate(out, 1)[:, :len(images_u8)]
 
 
 def probe(train_x, train_y, test_x, test_y, seed: int) -> dict:

@@ -134,6 +134,8 @@ def _read_image(path: Path, image_size: int):
             if image_size:
                 im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
             return np.asarray(im, np.uint8)
+    except DataError:
+        raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
 

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from fedms_jax.config import apply_overrides, load_config, validate
+from fedms_jax.federated import accounting
 
 METHODS: dict[str, list[str]] = {
     "fedms": ["algorithm=fedms"],
@@ -53,13 +54,12 @@ def run_method(base: list[str], config_name: str, method: str, seed: int, workdi
     start = time.perf_counter()
     out = run(config, workdir, progress=False)
     seconds = time.perf_counter() - start
-    engine, b = out["engine"], out["build"]
-    algorithm = b["algorithm"]
+    engine, algorithm = out.experiment.engine, out.experiment.algorithm
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     phases = [algorithm.phase(t) for t in range(config.rounds)]
-    server, clients = out["server"], out["clients"]
-    flops = {p: engine.client_flops(server, clients, p) for p in dict.fromkeys(phases)}
-    trainable = max(engine.trainable_params(server, clients, p) for p in dict.fromkeys(phases))
+    server, clients = out.server, out.clients
+    flops = {p: accounting.client_flops(engine, server, clients, p) for p in algorithm.phases(config.rounds)}
+    trainable = max(accounting.trainable_params(engine, server, clients, p) for p in algorithm.phases(config.rounds))
     backbone = sum(x.size for x in jax.tree_util.tree_leaves(engine.backbone))
     final = lines[-1]
     return {

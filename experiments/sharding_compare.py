@@ -25,7 +25,8 @@ import numpy as np
 
 from fedms_jax.config import apply_overrides, load_config, validate
 from fedms_jax.federated import sharding
-from fedms_jax.federated.engine import Engine, sample_cohort
+from fedms_jax.federated.placement import Vmap
+from fedms_jax.federated.rounds import Engine, sample_cohort
 from fedms_jax.plan import Layout, default_layouts
 
 WORKLOAD = ["model.hidden=192", "model.layers=6", "model.heads=6", "model.mlp_dim=768", "model.image_size=32",
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     config = validate(apply_overrides(load_config("embedded"), WORKLOAD + overrides))
     n = len(jax.devices())
     layouts = [Layout.parse(t) for t in args.layouts.split(",") if t] or default_layouts(n)
-    b = build(config, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
-    algorithm, base = b["algorithm"], b["engine"]
+    exp = build(config, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    algorithm, base = exp.algorithm, exp.engine
     phase = algorithm.phase(0)
-    host_states = jax.tree_util.tree_map(np.asarray, (b["server"], b["clients"]))  # rounds donate theirs
+    host_states = jax.tree_util.tree_map(np.asarray, (exp.server, exp.clients))  # rounds donate theirs
     print(f"{n} x {jax.devices()[0].device_kind}; workload: {' '.join(WORKLOAD + overrides)}; phase {phase}\n")
     print("| layout | backbone MB/device | arguments MB | temporaries MB | s/round (median) | "
           + " | ".join(f"{c} (n, MB)" for c in COLLECTIVES) + " |")
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     for layout in layouts:
         try:
             mesh = sharding.make_mesh(layout.clients, layout.model)
-            engine = Engine(algorithm, base.backbone, base.data, seed=config.seed, mesh=mesh, strategy=layout.strategy)
+            engine = Engine(algorithm, base.backbone, base.data, seed=config.seed, placement=Vmap(mesh), mesh=mesh,
+                            strategy=layout.strategy)
         except ValueError as e:
             print(f"| {layout} | not possible: {e} |")
             continue

@@ -6,9 +6,9 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
+from fedms_jax.config import Config
 from fedms_jax.data.preprocess import CLIP_STATS, IMAGENET_HALF, IMAGENET_STATS
 from fedms_jax.models.expert import Expert
 from fedms_jax.models.lora import LoRASpec
@@ -18,9 +18,9 @@ from fedms_jax.models.vision import VisionSpec
 PyTree = Any
 
 
-def lora_spec(config: ml_collections.ConfigDict) -> LoRASpec:
+def lora_spec(config: Config) -> LoRASpec:
     c = config.lora
-    return LoRASpec(rank=c.rank, alpha=float(c.alpha), dropout=float(c.dropout), targets=tuple(c.targets))
+    return LoRASpec(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=c.targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Built:
     head: PyTree | None = None
 
 
-def build_expert(config: ml_collections.ConfigDict, class_names: Sequence[str], rng: jax.Array) -> Built:
+def build_expert(config: Config, class_names: Sequence[str], rng: jax.Array) -> Built:
     """The expert, its frozen backbone and (for CLIP) its zero-shot head.
 
     ``model.pretrained`` names a hub id or local checkpoint (loaded, position embeddings resized
@@ -78,7 +78,7 @@ def build_expert(config: ml_collections.ConfigDict, class_names: Sequence[str], 
     return Built(expert, jax.tree_util.tree_map(jnp.asarray, backbone), stats, head)
 
 
-def client_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def client_optimizer(config: Config) -> optax.GradientTransformation:
     """The clients' local optimizer; its schedule spans one round's local steps."""
     c = config.client
     lr: Any = c.lr

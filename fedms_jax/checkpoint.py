@@ -28,7 +28,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fedms_jax.config import ConfigError
+from fedms_jax.config import Config, ConfigError, validate
 
 PyTree = Any
 FORMAT = 1
@@ -55,20 +55,19 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config as flat ``{'a.b': value}`` (JSON types)."""
-    return json.loads(json.dumps(_flatten(config.to_dict())))
+def config_fingerprint(config: Config | ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as flat ``{'a.b': value}`` (JSON types). A ConfigDict is validated first, so
+    its keys left out take their defaults, as in the run it describes."""
+    return json.loads(json.dumps(_flatten(validate(config).to_dict())))
 
 
-def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+def config_changes(saved: dict[str, Any], config: Config | ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every key that matters and differs.
 
     A key the checkpoint lacks (added to the package after it was written) counts as unchanged
     when it holds its built-in default: that run behaved as the default does."""
-    from fedms_jax.config import load_config
-
     now = config_fingerprint(config)
-    defaults = config_fingerprint(load_config("embedded"))
+    defaults = config_fingerprint(Config())
     keys = sorted(set(saved) | set(now))
     matters = lambda k: not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
     added_at_default = lambda k: k not in saved and k in defaults and now.get(k) == defaults[k]
@@ -110,12 +109,16 @@ class Checkpointer:
             force=True,
         )
         if wait:
-            self.manager.wait_until_finished()
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until every save in flight is on disk."""
+        self.manager.wait_until_finished()
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore_latest(self, like: PyTree, config: ml_collections.ConfigDict) -> tuple[int, PyTree, dict] | None:
+    def restore_latest(self, like: PyTree, config: Config) -> tuple[int, PyTree, dict] | None:
         """The newest readable checkpoint as (rounds done, state, meta), or None if there is none.
 
         ``like``: states of the right structure, shapes, dtypes and shardings (a fresh init).

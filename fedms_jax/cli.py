@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedms_jax.run import Preempted, run  # imports jax; only after the config is known to be valid
 
     try:
-        final = run(config, args.workdir, progress=not args.no_progress)["metrics"]
+        final = run(config, args.workdir, progress=not args.no_progress).metrics
     except ConfigError as e:
         return _error(str(e), 2)
     except Preempted as e:

@@ -1,17 +1,52 @@
-"""Run configuration: ml_collections ConfigDicts, overrides from the command line, validation.
+"""Run configuration: the typed schema (defaults, docs, every check) and loading it.
 
-Configs are Python files with ``get_config()`` (as in the Flax examples). Built-in ones live in
-``fedms_jax/configs/`` and are selected by name; any other path is loaded as a file. Every value
-is validated here, before anything is compiled, and a bad one is a ``ConfigError`` naming the key
-and the value.
+This module owns what a run can be configured with:
+
+  * the schema: one frozen dataclass per section (``ModelConfig``, ``ClientConfig``, ...) under
+    ``Config``, with the defaults of ``fedms_jax/configs/embedded.py`` and one line of doc per
+    field; each section checks its own fields in ``__post_init__``, ``Config`` the ones that span
+    sections, so a ``Config`` that exists is valid;
+  * the choice tuples (``ALGORITHMS``, ``MIX_MODES``, ``LORA_TARGETS``, ...) the modules that
+    implement them import from here;
+  * config files: Python files with ``get_config()`` returning an ml_collections ConfigDict (as
+    in the Flax examples). Built-in ones live in ``fedms_jax/configs/`` and are selected by name;
+    any other path is loaded as a file. ``--config.KEY=VALUE`` overrides apply to the ConfigDict,
+    and ``validate`` converts it, once, to a ``Config``.
+
+A bad value is a ``ConfigError`` naming the key and the value. This module imports no jax (nor
+any fedms_jax module that does), so a bad config is refused before anything is compiled, or even
+before jax starts.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
+import numbers
+import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable, Mapping
 
 import ml_collections
+
+# The choices of the string-valued options (the implementing modules import these).
+ALGORITHMS = ("fedms", "fedavg_sal", "fedavg", "fedprox", "fedper", "local", "finetune")
+TWO_STAGE = ("fedms", "finetune")  # algorithms with a stage 1 of ``stage1_rounds`` rounds
+USES_SAL = ("fedms", "fedavg_sal")  # algorithms that follow ``sal.*``; the others train every block
+GATE_MODES = ("learned", "fixed")
+GATE_INPUTS = ("mean", "cls")
+MIX_MODES = ("probs", "logits")
+LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
+SAL_MODES = ("progressive", "all", "fixed")
+DTYPES = ("float32", "bfloat16")
+HEADS = ("linear", "zero_shot")
+CLIENT_OPTIMIZERS = ("sgd", "momentum", "adamw")
+SCHEDULES = ("constant", "cosine")
+SERVER_OPTIMIZERS = ("fedavg", "fedadam")
+PARTITIONS = ("dirichlet", "shards", "iid")
+BACKENDS = ("vmap", "sequential")
+STRATEGIES = ("replicated", "fsdp", "tensor")
+FILE_SOURCES = ("idx", "folder")  # data.name values that read local files from data.data_dir
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -90,90 +125,324 @@ def _check(ok: bool, key: str, value: Any, what: str) -> None:
         raise ConfigError(f"config.{key} = {value!r}: {what}")
 
 
-def _check_choice(config: ml_collections.ConfigDict, key: str, choices: Iterable[str]) -> None:
-    value = _get(config, key)
-    choices = tuple(choices)
-    _check(value in choices, key, value, f"must be one of {list(choices)}")
+def _int(default: int, lo: int = 1) -> Any:
+    """An integer field whose smallest valid value is ``lo`` (every int in the config has one)."""
+    return dataclasses.field(default=default, metadata={"lo": lo})
 
 
-def _get(config: ml_collections.ConfigDict, key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        if part not in node:
-            raise ConfigError(f"config is missing key {key!r}")
-        node = node[part]
-    return node
+def _section(cls: type) -> Any:
+    return dataclasses.field(default_factory=cls)
 
 
-def _positive_int(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
-    for key in keys:
-        v = _get(config, key)
-        lo = 0 if allow_zero else 1
-        _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, key, v, f"must be an integer >= {lo}")
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks every value; raises ConfigError naming the first bad key and its value."""
-    from fedms_jax.models.lora import LORA_TARGETS
+class _Section:
+    """What every config dataclass shares: type checks (then ``_validate``) and ``to_dict``.
 
-    _positive_int(config, "seed", allow_zero=True)
-    _positive_int(config, "rounds", "model.layers", "model.hidden", "model.heads", "model.mlp_dim")
-    _positive_int(config, "model.patch_size", "model.image_size", "lora.rank")
-    _positive_int(config, "client.local_steps", "client.batch_size", "sal.k0", "sal.step", "sal.every")
-    _check_choice(config, "model.dtype", ("float32", "bfloat16"))
-    _check_choice(config, "model.head", ("linear", "zero_shot"))
-    _check_choice(config, "client.optimizer", ("sgd", "momentum", "adamw"))
-    _check_choice(config, "client.schedule", ("constant", "cosine"))
-    _check(isinstance(config.client.cache_frozen, bool), "client.cache_frozen", config.client.cache_frozen, "must be true or false")
-    _check_choice(config, "sal.mode", ("progressive", "all", "fixed"))
-    m = config.model
-    _check(m.hidden % m.heads == 0, "model.hidden", m.hidden, f"must be divisible by model.heads={m.heads}")
-    _check(m.image_size % m.patch_size == 0, "model.image_size", m.image_size,
-           f"must be divisible by model.patch_size={m.patch_size}")
-    _check(config.sal.k0 <= m.layers or bool(m.pretrained), "sal.k0", config.sal.k0,
-           f"must be <= model.layers={m.layers}")
-    _check(config.lora.alpha > 0, "lora.alpha", config.lora.alpha, "must be > 0")
-    _check(0.0 <= config.lora.dropout < 1.0, "lora.dropout", config.lora.dropout, "must be in [0, 1)")
-    targets = tuple(config.lora.targets)
-    bad = [t for t in targets if t not in LORA_TARGETS]
-    _check(not bad and len(targets) > 0, "lora.targets", targets, f"each must be one of {list(LORA_TARGETS)}")
-    _check(config.client.lr > 0, "client.lr", config.client.lr, "must be > 0")
-    from fedms_jax.federated.algorithms import ALGORITHMS
-    from fedms_jax.mofm import MIX_MODES
+    ``_key`` is the section's dotted prefix in error messages (``'model.'``; ``''`` at the top)."""
 
-    _check_choice(config, "algorithm", ALGORITHMS)
-    _positive_int(config, "stage1_rounds", allow_zero=True)
-    _positive_int(config, "eval_clients", "fedms.gate_rank")
-    if config.algorithm in ("fedms", "finetune"):
-        _check(config.stage1_rounds < config.rounds, "stage1_rounds", config.stage1_rounds,
-               f"must be < rounds={config.rounds} (stage 2 needs at least one round)")
-    _check_choice(config, "fedms.gate", ("learned", "fixed"))
-    _check_choice(config, "fedms.mixing", MIX_MODES)
-    _check_choice(config, "fedms.gate_input", ("mean", "cls"))
-    _check(0.0 <= config.fedms.local_weight <= 1.0, "fedms.local_weight", config.fedms.local_weight, "must be in [0, 1]")
-    _check(config.fedms.aux_weight >= 0, "fedms.aux_weight", config.fedms.aux_weight, "must be >= 0")
-    _check(config.fedprox.mu >= 0, "fedprox.mu", config.fedprox.mu, "must be >= 0")
-    _check("{}" in config.model.prompt, "model.prompt", config.model.prompt, "must contain '{}' for the class name")
-    _check(config.model.head == "linear" or bool(config.model.pretrained), "model.head", config.model.head,
-           "'zero_shot' needs a CLIP checkpoint in model.pretrained")
-    _check_choice(config, "data.partition", ("dirichlet", "shards", "iid"))
-    _check_choice(config, "server.optimizer", ("fedavg", "fedadam"))
-    _check_choice(config, "placement.backend", ("vmap", "sequential"))
-    _positive_int(config, "data.num_clients", "cohort_size", "data.min_examples", "data.shards_per_client", "eval_every")
-    _positive_int(config, "placement.chunk_size", "checkpoint.every", allow_zero=True)
-    _positive_int(config, "checkpoint.keep", "mesh.model")
-    _positive_int(config, "mesh.clients", allow_zero=True)
-    _check_choice(config, "mesh.strategy", ("replicated", "fsdp", "tensor"))
-    _check(config.mesh.strategy != "replicated" or config.mesh.model == 1, "mesh.strategy", config.mesh.strategy,
-           f"'replicated' puts the whole backbone on every device: needs mesh.model=1, got {config.mesh.model}")
-    _check(config.data.alpha > 0, "data.alpha", config.data.alpha, "must be > 0")
-    _positive_int(config, "data.image_size", "data.train_examples", "data.test_examples", allow_zero=True)
-    _check(config.data.name not in ("idx", "folder") or bool(config.data.data_dir), "data.data_dir",
-           config.data.data_dir, f"data.name={config.data.name!r} reads local files: name their directory")
-    _check(config.server.lr > 0, "server.lr", config.server.lr, "must be > 0")
-    _check(config.cohort_size <= config.data.num_clients, "cohort_size", config.cohort_size,
-           f"must be <= data.num_clients={config.data.num_clients}")
-    chunk = config.placement.chunk_size
-    _check(chunk == 0 or config.cohort_size % chunk == 0, "placement.chunk_size", chunk,
-           f"must divide cohort_size={config.cohort_size}")
-    return config
+    _key: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            key, v, kind = self._key + f.name, getattr(self, f.name), hints[f.name]
+            if kind is int:  # bool is an int subclass: True is no count
+                lo = f.metadata["lo"]
+                _check(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo, key, v,
+                       f"must be an integer >= {lo}")
+                v = int(v)
+            elif kind is float:  # ints are fine (lr = 1), stored as floats
+                _check(isinstance(v, numbers.Real) and not isinstance(v, bool), key, v, "must be a number")
+                v = float(v)
+            elif kind is bool:
+                _check(isinstance(v, bool), key, v, "must be true or false")
+            elif kind is str:
+                _check(isinstance(v, str), key, v, "must be a string")
+            elif kind == tuple[str, ...]:  # a list from a file is fine; stored as a (hashable) tuple
+                _check(isinstance(v, (tuple, list)) and all(isinstance(s, str) for s in v), key, v,
+                       "must be a tuple of strings")
+                v = tuple(v)
+            else:  # a section
+                _check(isinstance(v, kind), key, v, f"must be a {kind.__name__}")
+            object.__setattr__(self, f.name, v)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Checks of values beyond their types (the subclass's own)."""
+
+    def _check(self, ok: bool, name: str, what: str) -> None:
+        _check(ok, self._key + name, getattr(self, name), what)
+
+    def _choice(self, name: str, choices: Iterable[str]) -> None:
+        self._check(getattr(self, name) in choices, name, f"must be one of {list(choices)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dicts, keys sorted: what ``ConfigDict.to_dict()`` gives for this config."""
+        return {
+            f.name: v.to_dict() if isinstance(v, _Section) else v
+            for f in sorted(dataclasses.fields(self), key=lambda f: f.name)
+            for v in [getattr(self, f.name)]
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class FedMSConfig(_Section):
+    """FedMS stage 2 (DESIGN.md section 1; every "choice" there is an option here)."""
+
+    _key = "fedms."
+    gate: str = "learned"  # learned | fixed (ablation: no gate network)
+    local_weight: float = 0.5  # gate=fixed: the mixture's weight on the local expert
+    gate_rank: int = _int(16)  # gate adapter bottleneck d -> r -> d
+    gate_input: str = "mean"  # mean of the branch point's tokens | cls (its [CLS] vector)
+    mixing: str = "probs"  # probs (mix softmaxes) | logits
+    aux_weight: float = 0.0  # + aux_weight * each trained expert's own cross-entropy
+    train_global: bool = False  # keep training the global expert (FedAvg) in stage 2
+
+    def _validate(self) -> None:
+        self._choice("gate", GATE_MODES)
+        self._choice("mixing", MIX_MODES)
+        self._choice("gate_input", GATE_INPUTS)
+        self._check(0.0 <= self.local_weight <= 1.0, "local_weight", "must be in [0, 1]")
+        self._check(self.aux_weight >= 0, "aux_weight", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class FedProxConfig(_Section):
+    """FedProx's proximal term."""
+
+    _key = "fedprox."
+    mu: float = 0.01  # weight of (mu / 2) * ||w - w_global||^2 in each client's loss
+
+    def _validate(self) -> None:
+        self._check(self.mu >= 0, "mu", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_Section):
+    """The dataset, its subsets and its partition over the clients."""
+
+    _key = "data."
+    name: str = "digits"  # digits | synthetic | idx | folder | a TFDS name
+    data_dir: str = ""  # idx: the IDX files; folder: root/{train,test}/<class>/; TFDS: its data_dir
+    num_clients: int = _int(20)  # clients the training split is partitioned over
+    partition: str = "dirichlet"  # dirichlet | shards | iid
+    alpha: float = 0.3  # partition=dirichlet: concentration (smaller: more skewed labels)
+    min_examples: int = _int(16)  # partition=dirichlet: the fewest training examples a client gets
+    shards_per_client: int = _int(2)  # partition=shards: label-sorted shards per client
+    image_size: int = _int(0, lo=0)  # data.name=folder: resize every image to this size (0: keep; all must match)
+    train_examples: int = _int(0, lo=0)  # a stratified, seeded subset of the training split (0: all of it)
+    test_examples: int = _int(0, lo=0)  # likewise for the test split (personalised and global evaluation)
+
+    def _validate(self) -> None:
+        self._choice("partition", PARTITIONS)
+        self._check(self.alpha > 0, "alpha", "must be > 0")
+        self._check(self.name not in FILE_SOURCES or bool(self.data_dir), "data_dir",
+                    f"data.name={self.name!r} reads local files: name their directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The frozen backbone and the classifier head."""
+
+    _key = "model."
+    pretrained: str = ""  # hub id or local directory; "" = random ViT of the shape below
+    image_size: int = _int(16)  # input resolution (a pretrained model's position embeddings are resized to it)
+    patch_size: int = _int(4)  # random ViT: patch side in pixels
+    hidden: int = _int(64)  # random ViT: width d
+    layers: int = _int(4)  # random ViT: transformer blocks L
+    heads: int = _int(4)  # random ViT: attention heads
+    mlp_dim: int = _int(128)  # random ViT: MLP width
+    hidden_act: str = "gelu"  # random ViT: MLP activation
+    dtype: str = "float32"  # float32 | bfloat16: the compute dtype
+    head: str = "linear"  # linear | zero_shot (CLIP: class-prompt text embeddings)
+    tune_head: bool = False  # zero_shot only: train the text classifier too (linear always is)
+    prompt: str = "a photo of a {}."  # zero_shot: the class prompt template
+
+    def _validate(self) -> None:
+        self._choice("dtype", DTYPES)
+        self._choice("head", HEADS)
+        self._check(self.hidden % self.heads == 0, "hidden", f"must be divisible by model.heads={self.heads}")
+        self._check(self.image_size % self.patch_size == 0, "image_size",
+                    f"must be divisible by model.patch_size={self.patch_size}")
+        self._check("{}" in self.prompt, "prompt", "must contain '{}' for the class name")
+        self._check(self.head == "linear" or bool(self.pretrained), "head",
+                    "'zero_shot' needs a CLIP checkpoint in model.pretrained")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(_Section):
+    """The LoRA adapters: y = x W + b + (alpha / rank) * dropout(x) A B."""
+
+    _key = "lora."
+    rank: int = _int(8)  # r, the inner dimension of A [in, r] and B [r, out]
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input (0: none)
+    targets: tuple[str, ...] = LORA_TARGETS  # the Dense layers of each block that get an adapter
+
+    def _validate(self) -> None:
+        self._check(self.alpha > 0, "alpha", "must be > 0")
+        self._check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        self._check(not bad and len(self.targets) > 0, "targets", f"each must be one of {list(LORA_TARGETS)}")
+        self._check(len(set(self.targets)) == len(self.targets), "targets", "names a layer twice")
+
+
+@dataclasses.dataclass(frozen=True)
+class SALConfig(_Section):
+    """SAL: which top blocks' LoRA is active at each round (fedms_jax/sal.py)."""
+
+    _key = "sal."
+    mode: str = "progressive"  # progressive: k = k0 + step * (round // every) | all: every block | fixed: k0
+    k0: int = _int(1)  # active top blocks at round 0
+    step: int = _int(1)  # progressive: blocks added each time
+    every: int = _int(3)  # progressive: rounds between additions
+
+    def _validate(self) -> None:
+        self._choice("mode", SAL_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig(_Section):
+    """Local training on each client of the cohort."""
+
+    _key = "client."
+    local_steps: int = _int(10)  # optimizer steps per client per round
+    batch_size: int = _int(32)  # examples per local step
+    optimizer: str = "adamw"  # sgd | momentum | adamw
+    lr: float = 3e-3  # the local learning rate (the schedule's peak)
+    momentum: float = 0.9  # optimizer=momentum: its coefficient
+    weight_decay: float = 0.0  # optimizer=adamw: its decoupled weight decay
+    schedule: str = "constant"  # constant | cosine (decays to 0 over one round's local steps)
+    # Run the frozen part of the loss (SAL trunk; FedMS's frozen global expert) once per round
+    # over a client's examples instead of every step, when it holds no more examples than its
+    # steps process (max examples <= local_steps * batch_size). Same math, less work.
+    cache_frozen: bool = True
+
+    def _validate(self) -> None:
+        self._choice("optimizer", CLIENT_OPTIMIZERS)
+        self._choice("schedule", SCHEDULES)
+        self._check(self.lr > 0, "lr", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig(_Section):
+    """The server's update from the cohort's averaged delta."""
+
+    _key = "server."
+    optimizer: str = "fedavg"  # fedavg (SGD, lr 1) | fedadam
+    lr: float = 1.0  # the server optimizer's learning rate
+
+    def _validate(self) -> None:
+        self._choice("optimizer", SERVER_OPTIMIZERS)
+        self._check(self.lr > 0, "lr", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """Checkpoints in WORKDIR/checkpoints (fedms_jax/checkpoint.py)."""
+
+    _key = "checkpoint."
+    every: int = _int(6, lo=0)  # rounds between checkpoints (0: only on preemption and at the end)
+    keep: int = _int(3)  # newest checkpoints kept
+    asynchronous: bool = True  # orbax writes in the background
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(_Section):
+    """The device mesh ('clients', 'model') and how the backbone is laid out on it."""
+
+    _key = "mesh."
+    clients: int = _int(0, lo=0)  # devices on the 'clients' axis; 0 = all devices / mesh.model
+    model: int = _int(1)  # devices on the 'model' axis (the backbone's split)
+    strategy: str = "replicated"  # replicated | fsdp | tensor (fedms_jax/federated/sharding.py)
+
+    def _validate(self) -> None:
+        self._choice("strategy", STRATEGIES)
+        self._check(self.strategy != "replicated" or self.model == 1, "strategy",
+                    f"'replicated' puts the whole backbone on every device: needs mesh.model=1, got {self.model}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementConfig(_Section):
+    """How a cohort's clients are run on the devices."""
+
+    _key = "placement."
+    backend: str = "vmap"  # vmap | sequential
+    # Clients per vmapped chunk; 0 = auto (fedms_jax/perf.py: cache-sized on CPU, whole cohort on GPU/TPU).
+    chunk_size: int = _int(0, lo=0)
+
+    def _validate(self) -> None:
+        self._choice("backend", BACKENDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(_Section):
+    """A run: the top-level scalars and one section each; checks that span sections live here.
+
+    Frozen and hashable; build a variant with ``dataclasses.replace`` (it validates again)."""
+
+    seed: int = _int(0, lo=0)  # every random draw is fold_in(key(seed), round, client)
+    algorithm: str = "fedms"  # fedms | fedavg_sal | fedavg | fedprox | fedper | local | finetune
+    rounds: int = _int(24)  # all stages together
+    stage1_rounds: int = _int(12, lo=0)  # two-stage algorithms (fedms, finetune): rounds of stage 1
+    cohort_size: int = _int(8)  # clients sampled each round
+    eval_every: int = _int(1)  # rounds between evaluations (and always the last round of each stage)
+    eval_clients: int = _int(8)  # clients evaluated at once (vmapped) in personalised evaluation
+    eval_batch: int = _int(256)  # test examples per evaluation batch (inside a client; global test set)
+    fedms: FedMSConfig = _section(FedMSConfig)
+    fedprox: FedProxConfig = _section(FedProxConfig)
+    data: DataConfig = _section(DataConfig)
+    model: ModelConfig = _section(ModelConfig)
+    lora: LoRAConfig = _section(LoRAConfig)
+    sal: SALConfig = _section(SALConfig)
+    client: ClientConfig = _section(ClientConfig)
+    server: ServerConfig = _section(ServerConfig)
+    checkpoint: CheckpointConfig = _section(CheckpointConfig)
+    mesh: MeshConfig = _section(MeshConfig)
+    placement: PlacementConfig = _section(PlacementConfig)
+
+    def _validate(self) -> None:
+        self._choice("algorithm", ALGORITHMS)
+        if self.algorithm in TWO_STAGE:
+            self._check(self.stage1_rounds < self.rounds, "stage1_rounds",
+                        f"must be < rounds={self.rounds} (stage 2 needs at least one round)")
+        self._check(self.cohort_size <= self.data.num_clients, "cohort_size",
+                    f"must be <= data.num_clients={self.data.num_clients}")
+        # A pretrained backbone's depth is only known once it is loaded (SALSchedule checks then).
+        m = self.model
+        _check(self.sal.k0 <= m.layers or bool(m.pretrained), "sal.k0", self.sal.k0,
+               f"must be <= model.layers={m.layers}")
+        chunk = self.placement.chunk_size
+        _check(chunk == 0 or self.cohort_size % chunk == 0, "placement.chunk_size", chunk,
+               f"must divide cohort_size={self.cohort_size}")
+
+    @classmethod
+    def from_dict(cls, config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
+        """A ConfigDict (or nested mapping) as a Config. An unknown key is an error; a missing
+        one takes its default (config files older than the key keep working)."""
+        return _build(cls, config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config, "")
+
+
+def _build(cls: type[_Section], values: Any, prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config.{prefix[:-1]} = {values!r}: must be a section (a ConfigDict)")
+    hints = _hints(cls)
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    for key in values:
+        if key not in names:
+            where = prefix[:-1] or "the top level"
+            raise ConfigError(f"unknown config key {prefix + str(key)!r} ({key!r} is not in {where}: {names})")
+    return cls(**{
+        k: _build(hints[k], v, f"{prefix}{k}.") if dataclasses.is_dataclass(hints[k]) else v
+        for k, v in values.items()
+    })
+
+
+def validate(config: Config | ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
+    """The config as a (valid) ``Config``; raises ConfigError naming the first bad key and its
+    value. A ``Config`` is returned as it is: it was checked when it was made."""
+    return config if isinstance(config, Config) else Config.from_dict(config)

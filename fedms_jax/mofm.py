@@ -24,8 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedms_jax.config import MIX_MODES
+
 PyTree = Any
-MIX_MODES = ("probs", "logits")
 GLOBAL, LOCAL = 0, 1
 
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from fedms_jax.config import Config
 from fedms_jax.federated import sharding
-from fedms_jax.federated.engine import Engine
+from fedms_jax.federated.placement import Vmap
+from fedms_jax.federated.rounds import Engine
 
 MB = 1 << 20
 
@@ -60,13 +61,13 @@ def tree_mb(tree: Any) -> float:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)) / MB
 
 
-def plan(config: ml_collections.ConfigDict, layouts: list[Layout]) -> list[dict]:
+def plan(config: Config, layouts: list[Layout]) -> list[dict]:
     """One row per layout (see the module docstring); a layout that does not fit the shapes gets
     an ``error`` instead of numbers."""
     from fedms_jax.run import build
 
-    b = build(config, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
-    algorithm, base = b["algorithm"], b["engine"]
+    exp = build(config, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    algorithm, base = exp.algorithm, exp.engine
     phase = algorithm.phase(config.rounds - 1)
     cohort = np.arange(config.cohort_size, dtype=np.int32)
     rows = []
@@ -75,11 +76,11 @@ def plan(config: ml_collections.ConfigDict, layouts: list[Layout]) -> list[dict]
         try:
             mesh = sharding.make_mesh(layout.clients, layout.model)
             engine = Engine(algorithm, base.backbone, base.data, seed=config.seed, mesh=mesh,
-                            strategy=layout.strategy, eval_clients=config.eval_clients)
+                            placement=Vmap(mesh), strategy=layout.strategy, eval_clients=config.eval_clients)
         except ValueError as e:
             rows.append({**row, "error": str(e)})
             continue
-        server, clients = engine.place((b["server"], b["clients"]))
+        server, clients = engine.place((exp.server, exp.clients))
         compiled = (
             engine.round_fn(phase)
             .lower(server, clients, jnp.int32(0), jnp.asarray(cohort), engine.backbone, engine.data)

@@ -10,7 +10,6 @@ stage 2: the gate's mean weight on the local expert over all test examples).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -22,25 +21,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from fedms_jax import perf, sal
+from fedms_jax.algorithms import Algorithm, Settings, make_algorithm
 from fedms_jax.builders import build_expert, client_optimizer
 from fedms_jax.checkpoint import Checkpointer, config_fingerprint
-from fedms_jax.config import validate
+from fedms_jax.config import Config, ConfigError, validate
 from fedms_jax.data import partition
 from fedms_jax.data.clients import ClientData, stack_clients
 from fedms_jax.data.sources import DataError, Dataset, load_dataset, subsample
-from fedms_jax.federated.algorithms import Common, make_algorithm
-from fedms_jax.federated.engine import Engine, sample_cohort
+from fedms_jax.federated import accounting
+from fedms_jax.federated.placement import make_placement
+from fedms_jax.federated.rounds import Engine, sample_cohort
 from fedms_jax.federated.server import server_optimizer
+from fedms_jax.federated.types import ClientStates, Phase, ServerState
 
 PyTree = Any
 
 
-def partition_clients(config: ml_collections.ConfigDict, train: Dataset, test: Dataset) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def partition_clients(config: Config, train: Dataset, test: Dataset) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Train parts by the configured partitioner; test parts following each client's labels."""
     d, seed = config.data, config.seed
     if d.partition == "dirichlet":
@@ -52,9 +53,8 @@ def partition_clients(config: ml_collections.ConfigDict, train: Dataset, test: D
     return parts, partition.split_test_like(train.labels, parts, test.labels, seed)
 
 
-def make_run_mesh(config: ml_collections.ConfigDict):
+def make_run_mesh(config: Config):
     """The ('clients', 'model') mesh of ``config.mesh`` over every device (of every process)."""
-    from fedms_jax.config import ConfigError
     from fedms_jax.federated.sharding import make_mesh
 
     m = config.mesh
@@ -71,14 +71,48 @@ def make_run_mesh(config: ml_collections.ConfigDict):
     return mesh
 
 
-def build(
-    config: ml_collections.ConfigDict, *, mesh=None, datasets: tuple[Dataset, Dataset] | None = None
-) -> dict:
-    """Everything a run needs, from a validated config (no compilation happens here).
+@dataclasses.dataclass(frozen=True, eq=False)
+class Experiment:
+    """Everything a run needs, built once from a validated config (no compilation happens).
+
+    train/test: the (subsampled) datasets; parts/test_parts: each client's example indices;
+    algorithm, engine: what runs; server/clients: the initial states (placed on the mesh);
+    client_test: every client's padded test split; test_images/labels: the whole test set.
+    """
+
+    config: Config
+    train: Dataset
+    test: Dataset
+    parts: list[np.ndarray]
+    test_parts: list[np.ndarray]
+    algorithm: Algorithm
+    engine: Engine
+    server: ServerState
+    clients: ClientStates
+    client_test: ClientData
+    test_images: jax.Array
+    test_labels: jax.Array
+
+    @property
+    def settings(self) -> Settings:
+        return self.algorithm.settings
+
+    def evaluate(self, server: ServerState, clients: ClientStates, phase: Phase) -> dict[str, float]:
+        """Personalised (every client, own test split) and global (whole test set) metrics."""
+        out = personalized_metrics(self.engine.evaluate_clients(server, clients, phase, self.client_test))
+        if self.algorithm.has_global_model:
+            loss, acc = self.engine.evaluate_global(server, phase, self.test_images, self.test_labels)
+            out.update(test_loss=loss, accuracy=acc)
+        return out
+
+
+def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None = None) -> Experiment:
+    """The ``Experiment`` of a config (validated here if it is not yet).
 
     ``datasets``: (train, test) to use instead of loading ``config.data.name`` (benchmarks pass
     synthetic data at the model's resolution).
     """
+    config = validate(config)
     if datasets is None:
         datasets = load_dataset(config.data.name, config.data.data_dir or None, seed=config.seed,
                                 image_size=config.data.image_size)
@@ -100,7 +134,7 @@ def build(
     built = build_expert(config, train.class_names, jax.random.fold_in(seed_key, 0))
     expert = built.expert
     tuned = expert.tune_head
-    common = Common(
+    settings = Settings(
         expert=expert,
         stats=built.stats,
         schedule=sal.SALSchedule(expert.num_layers, config.sal.mode, config.sal.k0, config.sal.step, config.sal.every),
@@ -112,7 +146,7 @@ def build(
         frozen_head=None if tuned else built.head,
         cache_frozen=config.client.cache_frozen,
     )
-    algorithm = make_algorithm(config, common)
+    algorithm = make_algorithm(config, settings)
     if mesh is None:
         mesh = make_run_mesh(config)
     spec = expert.spec
@@ -126,14 +160,14 @@ def build(
     )
     engine = Engine(
         algorithm, built.backbone, stack_clients(train, parts), seed=config.seed,
-        backend=config.placement.backend, chunk_size=chunk, mesh=mesh,
-        strategy=config.mesh.strategy, eval_clients=config.eval_clients,
+        placement=make_placement(config.placement.backend, mesh, chunk), mesh=mesh,
+        strategy=config.mesh.strategy, eval_clients=config.eval_clients, eval_batch=config.eval_batch,
     )
     server, clients = engine.place(algorithm.init(jax.random.fold_in(seed_key, 1), config.data.num_clients))
-    return dict(
-        train=train, test=test, parts=parts, test_parts=test_parts, expert=expert, stats=built.stats,
-        algorithm=algorithm, engine=engine, server=server, clients=clients,
-        client_test=jax.device_put(stack_clients(test, test_parts)),
+    return Experiment(
+        config=config, train=train, test=test, parts=parts, test_parts=test_parts, algorithm=algorithm,
+        engine=engine, server=server, clients=clients, client_test=jax.device_put(stack_clients(test, test_parts)),
+        test_images=jnp.asarray(test.images), test_labels=jnp.asarray(test.labels),
     )
 
 
@@ -156,14 +190,105 @@ def personalized_metrics(per_client: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def evaluate(b: dict, server, clients, phase) -> dict[str, float]:
-    """Personalised (every client, own test split) and global (whole test set) evaluation."""
-    engine, algorithm = b["engine"], b["algorithm"]
-    out = personalized_metrics(engine.evaluate_clients(server, clients, phase, b["client_test"]))
-    if algorithm.has_global_model:
-        loss, acc = engine.evaluate_global(server, phase, b["test_images"], b["test_labels"])
-        out.update(test_loss=loss, accuracy=acc)
-    return out
+# --- the loop and its callbacks ---------------------------------------------------------------
+@dataclasses.dataclass
+class RoundEnd:
+    """What callbacks see after round ``round`` (``done = round + 1`` rounds are finished)."""
+
+    round: int
+    phase: Phase
+    record: dict
+    server: ServerState
+    clients: ClientStates
+
+    @property
+    def done(self) -> int:
+        return self.round + 1
+
+
+class Callback:
+    """Hooks of ``run``'s loop; each is a no-op unless overridden. ``on_end`` always runs (in
+    reverse order), also when a round or another callback raised."""
+
+    def on_start(self, exp: Experiment, start: int) -> None: ...
+
+    def on_round(self, end: RoundEnd) -> None: ...
+
+    def on_end(self) -> None: ...
+
+
+class MetricsWriter(Callback):
+    """Appends one JSON line per round to ``path`` (process 0 only); on a resume, first drops the
+    lines of rounds at or after the resumed round (written after that checkpoint)."""
+
+    def __init__(self, path: Path, primary: bool = True) -> None:
+        self.path, self.primary, self.file = path, primary, None
+
+    def on_start(self, exp, start):
+        if self.primary:
+            _keep_metrics_before(self.path, start)
+            self.file = self.path.open("a")
+
+    def on_round(self, end):
+        if self.file is not None:
+            self.file.write(json.dumps(end.record) + "\n")
+            self.file.flush()
+
+    def on_end(self):
+        if self.file is not None:
+            self.file.close()
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the rounds with the latest loss and accuracies."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.bar = enabled, None
+
+    def on_start(self, exp, start):
+        if self.enabled:
+            rounds = exp.config.rounds
+            self.bar = tqdm(total=rounds, initial=start, unit="round", dynamic_ncols=True)
+
+    def on_round(self, end):
+        if self.bar is not None:
+            r = end.record
+            self.bar.update(1)
+            self.bar.set_postfix(
+                stage=end.phase.stage, k=end.phase.num_active, loss=f"{r['loss']:.3f}",
+                pacc=f"{r.get('personalized_accuracy', float('nan')):.3f}",
+                acc=f"{r.get('accuracy', float('nan')):.3f}", s=f"{r['seconds']:.2f}",
+            )
+
+    def on_end(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Checkpointing(Callback):
+    """Saves the states every ``checkpoint.every`` rounds and after the last one."""
+
+    def __init__(self, checkpointer: Checkpointer, meta) -> None:
+        self.checkpointer, self.meta, self.rounds, self.saved = checkpointer, meta, 0, -1
+
+    def on_start(self, exp, start):
+        self.rounds = exp.config.rounds
+
+    def save(self, end: RoundEnd, *, wait: bool = False) -> None:
+        """Saves after ``end`` (once: a second call for the same round only waits, if asked)."""
+        if end.done != self.saved:
+            state = {"server": end.server, "clients": end.clients}
+            self.checkpointer.save(end.done, state, self.meta(end.done))
+            self.saved = end.done
+        if wait:
+            self.checkpointer.wait()
+
+    def on_round(self, end):
+        if self.checkpointer.due(end.done) or end.done == self.rounds:
+            self.save(end)
+
+    def on_end(self):
+        self.checkpointer.close()
 
 
 class Preempted(Exception):
@@ -178,19 +303,28 @@ class Preempted(Exception):
         )
 
 
-@contextlib.contextmanager
-def _catch_signals(signums=(signal.SIGTERM, signal.SIGINT)):
-    """Records SIGTERM/SIGINT instead of dying, so the round in flight can finish and be saved."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signums}
-    try:
-        yield caught
-    finally:
-        for s, handler in previous.items():
+class Preemption(Callback):
+    """Records SIGTERM/SIGINT instead of dying; after the round in flight, saves a checkpoint
+    (waiting for it) and raises ``Preempted``."""
+
+    def __init__(self, checkpointing: Checkpointing, signums=(signal.SIGTERM, signal.SIGINT)) -> None:
+        self.checkpointing, self.signums = checkpointing, signums
+        self.caught: list[int] = []
+        self._previous: dict = {}
+
+    def on_start(self, exp, start):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, lambda signum, frame: self.caught.append(signum)) for s in self.signums}
+
+    def on_round(self, end):
+        if self.caught:
+            self.checkpointing.save(end, wait=True)
+            raise Preempted(self.caught[0], end.done, self.checkpointing.checkpointer.directory)
+
+    def on_end(self):
+        for s, handler in self._previous.items():
             signal.signal(s, handler)
+        self._previous = {}
 
 
 def _keep_metrics_before(path: Path, start: int) -> None:
@@ -204,51 +338,27 @@ def _keep_metrics_before(path: Path, start: int) -> None:
     os.replace(tmp, path)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True, mesh=None) -> dict:
-    """Runs ``config.rounds`` rounds, resuming from the newest checkpoint in ``workdir``.
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunResult:
+    """metrics: the last metrics line; server/clients: the final states; experiment: ``build``'s."""
 
-    Returns the last metrics line, the final states, the engine and ``build``'s objects. On
-    SIGTERM/SIGINT the round in flight finishes, a checkpoint is written and ``Preempted`` is
-    raised (the CLI exits with 128 + signal number).
-    """
-    config = validate(config)
-    workdir = Path(workdir)
-    b = build(config, mesh=mesh)
-    engine, algorithm = b["engine"], b["algorithm"]
-    server, clients = b["server"], b["clients"]
-    primary = jax.process_index() == 0
-    ck = config.checkpoint
-    checkpointer = Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep, asynchronous=ck.asynchronous)
-    start = 0
-    restored = checkpointer.restore_latest({"server": server, "clients": clients}, config)
-    if restored is not None:
-        start, state, _ = restored
-        server, clients = state["server"], state["clients"]
-    if progress and primary:
-        print(partition.summary(b["train"].labels, b["parts"], b["train"].num_classes))
-        if restored is not None:
-            print(f"resuming {workdir} after round {start} of {config.rounds}")
-    b["test_images"], b["test_labels"] = jnp.asarray(b["test"].images), jnp.asarray(b["test"].labels)
+    metrics: dict
+    server: ServerState
+    clients: ClientStates
+    experiment: Experiment
+
+
+def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, start: int, callbacks: list[Callback]):
+    """Rounds ``start .. config.rounds - 1``: sample, run, evaluate when due, hand each round's
+    record to the callbacks. -> (last record, server, clients)."""
+    config, engine, algorithm = exp.config, exp.engine, exp.algorithm
     # Bytes per client depend only on the phase (the trees' shapes): computed once per phase.
-    bytes_per_phase = {p: engine.bytes_per_client(server, clients, p) for p in algorithm.phases(config.rounds)}
-    metrics_path = workdir / "metrics.jsonl"
-    if primary:
-        _keep_metrics_before(metrics_path, start)
+    bytes_per_phase = {p: accounting.bytes_per_client(engine, server, clients, p) for p in algorithm.phases(config.rounds)}
     record: dict = {}
-    if start and metrics_path.exists():
-        lines = metrics_path.read_text().splitlines()
-        record = json.loads(lines[-1]) if lines else {}
-    meta = lambda done: {
-        "config": config_fingerprint(config),
-        "next_phase": list(dataclasses.astuple(algorithm.phase(min(done, config.rounds - 1)))),
-        "rng": {"seed": config.seed, "recipe": "fold_in(fold_in(key(seed), round), client)"},
-    }
-    log = metrics_path.open("a") if primary else open(os.devnull, "w")
-    with log, _catch_signals() as caught, tqdm(
-        range(start, config.rounds), initial=start, total=config.rounds,
-        disable=not progress or not primary, unit="round", dynamic_ncols=True,
-    ) as bar:
-        for t in bar:
+    try:
+        for cb in callbacks:
+            cb.on_start(exp, start)
+        for t in range(start, config.rounds):
             phase = algorithm.phase(t)
             cohort = sample_cohort(config.seed, t, config.data.num_clients, config.cohort_size)
             start_time = time.perf_counter()
@@ -259,25 +369,54 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
             record = {
                 "round": t, "stage": phase.stage, "active_blocks": phase.num_active, "loss": metrics.pop("loss"),
                 "cohort": len(cohort), "bytes_up": up * len(cohort), "bytes_down": down * len(cohort),
-                "seconds": seconds,
+                "seconds": seconds, **metrics,
             }
-            record.update({name: v for name, v in metrics.items() if name != "total_weight"})
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
-                record.update(evaluate(b, server, clients, phase))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(
-                stage=phase.stage, k=phase.num_active, loss=f"{record['loss']:.3f}",
-                pacc=f"{record.get('personalized_accuracy', float('nan')):.3f}",
-                acc=f"{record.get('accuracy', float('nan')):.3f}", s=f"{seconds:.2f}",
-            )
-            done = t + 1
-            state = {"server": server, "clients": clients}
-            if caught:
-                checkpointer.save(done, state, meta(done), wait=True)
-                checkpointer.close()
-                raise Preempted(caught[0], done, checkpointer.directory)
-            if checkpointer.due(done) or done == config.rounds:
-                checkpointer.save(done, state, meta(done))
-    checkpointer.close()
-    return {"metrics": record, "server": server, "clients": clients, "engine": engine, "build": b}
+                record.update(exp.evaluate(server, clients, phase))
+            end = RoundEnd(t, phase, record, server, clients)
+            for cb in callbacks:
+                cb.on_round(end)
+    finally:
+        for cb in reversed(callbacks):
+            cb.on_end()
+    return record, server, clients
+
+
+def run(config: Config, workdir: str | Path, *, progress: bool = True, mesh=None,
+        callbacks: list[Callback] = ()) -> RunResult:
+    """Runs ``config.rounds`` rounds, resuming from the newest checkpoint in ``workdir``.
+
+    The loop's side effects are callbacks: metrics lines, a progress bar, periodic checkpoints
+    and preemption (on SIGTERM/SIGINT the round in flight finishes, a checkpoint is written and
+    ``Preempted`` is raised; the CLI exits with 128 + signal number); ``callbacks`` are added
+    after those.
+    """
+    config = validate(config)
+    workdir = Path(workdir)
+    exp = build(config, mesh=mesh)
+    server, clients = exp.server, exp.clients
+    primary = jax.process_index() == 0
+    ck = config.checkpoint
+    checkpointer = Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep, asynchronous=ck.asynchronous)
+    start = 0
+    restored = checkpointer.restore_latest({"server": server, "clients": clients}, config)
+    if restored is not None:
+        start, state, _ = restored
+        server, clients = state["server"], state["clients"]
+    if progress and primary:
+        print(partition.summary(exp.train.labels, exp.parts, exp.train.num_classes))
+        if restored is not None:
+            print(f"resuming {workdir} after round {start} of {config.rounds}")
+    meta = lambda done: {
+        "config": config_fingerprint(config),
+        "next_phase": list(dataclasses.astuple(exp.algorithm.phase(min(done, config.rounds - 1)))),
+        "rng": {"seed": config.seed, "recipe": "fold_in(fold_in(key(seed), round), client)"},
+    }
+    checkpointing = Checkpointing(checkpointer, meta)
+    standard = [MetricsWriter(workdir / "metrics.jsonl", primary), ProgressBar(progress and primary),
+                checkpointing, Preemption(checkpointing)]
+    record, server, clients = train_loop(exp, server, clients, start, standard + list(callbacks))
+    if not record and start:  # nothing left to run: report the last line written
+        lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []
+        record = json.loads(lines[-1]) if lines else {}
+    return RunResult(record, server, clients, exp)

@@ -8,13 +8,14 @@ LoRA sits in every block, but at round t only the top ``k(t)`` blocks are active
   * ``fixed``: ``k(t) = k0``.
 
 Inactive blocks' LoRA leaves are not in the tree a client differentiates, updates or sends:
-``active_lora`` slices them out, ``merge_active`` writes the trained slice back.
+``federated.types.select`` takes the active units out of a trainable tree and
+``replace_units`` writes the trained ones back.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 PyTree = Any
 Mode = Literal["progressive", "all", "fixed"]
@@ -64,36 +65,7 @@ def block_index(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _filter_blocks(tree: Mapping[str, Any], keep: set[int]) -> dict:
-    out = {}
-    for key, sub in tree.items():
-        i = block_index(key)
-        if i is not None:
-            if i in keep:
-                out[key] = sub
-        elif isinstance(sub, Mapping):
-            filtered = _filter_blocks(sub, keep)
-            if filtered:
-                out[key] = filtered
-    return out
-
-
 def active_block_ids(num_active: int, num_layers: int) -> range:
     if not 0 <= num_active <= num_layers:
         raise ValueError(f"num_active must be in [0, {num_layers}], got {num_active}")
     return range(num_layers - num_active, num_layers)
-
-
-def active_lora(lora: PyTree, num_active: int, num_layers: int) -> dict:
-    """The sub-tree of the LoRA tree holding only the top ``num_active`` blocks."""
-    return _filter_blocks(lora, set(active_block_ids(num_active, num_layers)))
-
-
-def merge_active(lora: PyTree, active: PyTree) -> dict:
-    """``lora`` with the blocks present in ``active`` replaced by those of ``active``."""
-    out = dict(lora)
-    for key, sub in active.items():
-        if key not in lora:
-            raise ValueError(f"active LoRA tree has {key!r}, which the full tree does not")
-        out[key] = merge_active(lora[key], sub) if block_index(key) is None and isinstance(sub, Mapping) else sub
-    return out

@@ -19,20 +19,33 @@ def tiny_config(*extra: str):
     return validate(apply_overrides(load_config("embedded"), TINY + list(extra)))
 
 
-def run_rounds(config, rounds: int, *, mesh=None):
-    """Runs rounds through the engine directly; returns (server, clients, engine, metrics)."""
-    from fedms_jax.federated.engine import sample_cohort
+def run_experiment(config, rounds: int, *, mesh=None):
+    """Builds the experiment and runs rounds through its engine: -> (exp, server, clients, metrics)."""
+    from fedms_jax.federated.rounds import sample_cohort
     from fedms_jax.run import build
 
-    b = build(config, mesh=mesh)
-    server, clients, engine = b["server"], b["clients"], b["engine"]
+    exp = build(config, mesh=mesh)
+    server, clients = exp.server, exp.clients
     metrics = []
     for t in range(rounds):
-        phase = b["algorithm"].phase(t)
+        phase = exp.algorithm.phase(t)
         cohort = sample_cohort(config.seed, t, config.data.num_clients, config.cohort_size)
-        server, clients, m = engine.run_round(server, clients, t, phase, cohort)
+        server, clients, m = exp.engine.run_round(server, clients, t, phase, cohort)
         metrics.append({n: float(v) for n, v in m.items()})
-    return server, clients, engine, metrics
+    return exp, server, clients, metrics
+
+
+def run_rounds(config, rounds: int, *, mesh=None):
+    """Runs rounds through the engine directly; returns (server, clients, engine, metrics)."""
+    exp, server, clients, metrics = run_experiment(config, rounds, mesh=mesh)
+    return server, clients, exp.engine, metrics
+
+
+def evaluation(exp, server, clients, phase) -> dict:
+    """Per-client personalised sums and the global (loss, accuracy), as numpy."""
+    out = {f"personal_{k}": v for k, v in exp.engine.evaluate_clients(server, clients, phase, exp.client_test).items()}
+    out["global"] = np.asarray(exp.engine.evaluate_global(server, phase, exp.test_images, exp.test_labels))
+    return out
 
 
 def flat(tree) -> np.ndarray:

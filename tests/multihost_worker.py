@@ -26,6 +26,6 @@ from fedms_jax.run import run  # noqa: E402
 assert jax.process_count() == n and len(jax.devices()) == n * len(jax.local_devices())
 result = run(tiny_config("algorithm=fedms", "rounds=3", "stage1_rounds=1"), os.path.join(out, f"w{n}"), progress=False)
 gather = lambda x: np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
-server = jax.tree_util.tree_map(gather, result["server"].trainable)
+server = jax.tree_util.tree_map(gather, result.server.trainable)
 if pid == 0:
     np.save(os.path.join(out, f"server_{n}.npy"), flat(server))

@@ -8,7 +8,6 @@ same model object. No test touches the network.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 from fedms_jax.federated import sharding
 from fedms_jax.models.hf import load_pretrained, save_pretrained, to_hf_state_dict
 from fedms_jax.models.lora import LoRASpec, merge_lora
-from fedms_jax.models.vision import VisionSpec, VisionTransformer
+from fedms_jax.models.vision import VisionSpec
 
 ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("no_network")
@@ -208,12 +207,12 @@ def test_fedms_runs_on_a_dinov2_checkpoint_and_idx_files_and_plans(dino, tmp_pat
                          f"model.pretrained={d}", "model.image_size=28", "data.name=idx",
                          f"data.data_dir={data}", "data.train_examples=120", "data.test_examples=32")
     out = run(config, tmp_path / "work", progress=False)
-    m = out["metrics"]
+    m = out.metrics
     assert m["stage"] == 2 and m["active_blocks"] == 2 and np.isfinite(m["loss"])
     assert 0.0 <= m["personalized_accuracy"] <= 1.0 and 0.0 <= m["gate_local_weight"] <= 1.0
-    b = out["build"]
-    assert b["expert"].spec.flavor == "dinov2" and b["expert"].spec.feature_dim == 64
-    assert len(b["train"]) == 120 and len(b["test"]) == 32
-    assert b["stats"] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv2's processor
+    b = out.experiment
+    assert b.settings.expert.spec.flavor == "dinov2" and b.settings.expert.spec.feature_dim == 64
+    assert len(b.train) == 120 and len(b.test) == 32
+    assert b.settings.stats == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv2's processor
     rows = plan.plan(config, [plan.Layout(1, 1, "replicated")])
     assert rows and "error" not in rows[0] and rows[0]["backbone_mb"] > 0

@@ -10,19 +10,20 @@ import jax
 import numpy as np
 import pytest
 
-from fed_helpers import flat, run_rounds, tiny_config
+from fed_helpers import evaluation, flat, run_experiment, run_rounds, tiny_config
 
 HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def vmap_two_rounds():
-    server, clients, engine, metrics = run_rounds(tiny_config(), 2)
-    return flat(server.trainable), np.asarray(clients.participation), metrics
+    exp, server, clients, metrics = run_experiment(tiny_config(), 2)
+    evals = evaluation(exp, server, clients, exp.algorithm.phase(1))
+    return flat(server.trainable), np.asarray(clients.participation), metrics, evals
 
 
 def test_vmap_equals_sequential(vmap_two_rounds):
-    ref, part, _ = vmap_two_rounds
+    ref, part, _, _ = vmap_two_rounds
     server, clients, _, _ = run_rounds(tiny_config("placement.backend=sequential"), 2)
     np.testing.assert_allclose(flat(server.trainable), ref, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(clients.participation), part)
@@ -30,7 +31,7 @@ def test_vmap_equals_sequential(vmap_two_rounds):
 
 
 def test_chunked_equals_unchunked(vmap_two_rounds):
-    ref, _, _ = vmap_two_rounds
+    ref, _, _, _ = vmap_two_rounds
     server, _, engine, _ = run_rounds(tiny_config("placement.chunk_size=2"), 2)
     np.testing.assert_allclose(flat(server.trainable), ref, atol=1e-5)
 
@@ -41,12 +42,12 @@ def test_server_update_is_weighted_mean_of_client_models():
     from fedms_jax.run import build
 
     config = tiny_config("sal.mode=all")
-    b = build(config)
-    algo, engine = b["algorithm"], b["engine"]
-    server0 = b["server"]
+    exp = build(config)
+    algo, engine = exp.algorithm, exp.engine
+    server0 = exp.server
     k = algo.phase(0)
     cohort = np.array([1, 4, 6], np.int32)
-    full, _, _ = engine.run_round(server0, b["clients"], 0, k, cohort)
+    full, _, _ = engine.run_round(server0, exp.clients, 0, k, cohort)
     singles, counts = [], []
     for c in cohort:
         # Fresh states from build's own initialisation key (the full round donated server0).
@@ -63,7 +64,7 @@ def test_one_compile_per_sal_level():
     config = tiny_config("model.layers=3", "sal.k0=1", "sal.every=4", "rounds=12", "cohort_size=4")
     _, _, engine, _ = run_rounds(config, 12)
     assert engine.num_traces == 3
-    assert sorted(p.num_active for p in engine._rounds) == [1, 2, 3]
+    assert sorted(p.num_active for p in engine.compiled_phases) == [1, 2, 3]
 
 
 def test_fedavg_learns_synthetic_task(tmp_path):
@@ -72,28 +73,27 @@ def test_fedavg_learns_synthetic_task(tmp_path):
     from fedms_jax.run import run
 
     out = run(config, tmp_path, progress=False)  # a fresh dir: a stale one would be resumed
-    assert out["metrics"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert out.metrics["accuracy"] > 0.5  # 10 classes: chance is 0.1
 
 
 def test_bytes_count_active_units_only(vmap_two_rounds):
-    from fedms_jax.federated import server as srv
+    from fedms_jax.federated.accounting import bytes_per_client
+    from fedms_jax.federated.types import Phase, split_units, tree_bytes
     from fedms_jax.run import build
 
-    b = build(tiny_config())
-    from fedms_jax.federated.algorithms import Phase
-
-    engine, server = b["engine"], b["server"]
-    down1, up1 = engine.bytes_per_client(server, b["clients"], Phase(1, 1))
-    down2, _ = engine.bytes_per_client(server, b["clients"], Phase(1, 2))
-    units = srv.split_units(server.trainable)
-    head = srv.tree_bytes(units["head"])
-    block = srv.tree_bytes(units["blocks_1"])
+    exp = build(tiny_config())
+    engine, server = exp.engine, exp.server
+    down1, up1 = bytes_per_client(engine, server, exp.clients, Phase(1, 1))
+    down2, _ = bytes_per_client(engine, server, exp.clients, Phase(1, 2))
+    units = split_units(server.trainable)
+    head = tree_bytes(units["head"])
+    block = tree_bytes(units["blocks_1"])
     assert up1 == down1 == head + block
     assert down2 == head + 2 * block
 
 
 def test_eight_devices_match_one_device(tmp_path, vmap_two_rounds):
-    ref, _, _ = vmap_two_rounds
+    ref, _, _, _ = vmap_two_rounds
     # The session's own XLA flags (conftest) are kept.
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
@@ -105,17 +105,24 @@ def test_eight_devices_match_one_device(tmp_path, vmap_two_rounds):
     assert int(got["num_devices"]) == 8
     assert int(got["cohort_shards"]) == 8  # the cohort's client axis is split over 8 devices
     np.testing.assert_allclose(got["trainable"], ref, atol=1e-5)
+    # Evaluation runs through the same placement: split over the 8 devices, same results.
+    assert int(got["eval_shards"]) == 8
+    evals = vmap_two_rounds[3]
+    np.testing.assert_array_equal(got["personal_correct"], evals["personal_correct"])
+    np.testing.assert_allclose(got["personal_nll"], evals["personal_nll"], rtol=1e-5)
+    np.testing.assert_allclose(got["global"], evals["global"], rtol=1e-5)
 
 
 def test_fedadam_moves_only_active_units_and_their_state():
     """FedAdam: one optax state per unit; a round at k=1 leaves block 0 and its moments as they were."""
-    from fedms_jax.federated import server as srv
+    from fedms_jax.federated.types import split_units
+    from fedms_jax.run import build
 
     config = tiny_config("server.optimizer=fedadam", "server.lr=0.01", "sal.mode=fixed", "sal.k0=1")
-    b = __import__("fedms_jax.run", fromlist=["build"]).build(config)
-    s0 = jax.tree_util.tree_map(np.asarray, b["server"])
-    server, _, _ = b["engine"].run_round(b["server"], b["clients"], 0, b["algorithm"].phase(0), np.arange(8, dtype=np.int32))
-    u0, u1 = srv.split_units(s0.trainable), srv.split_units(server.trainable)
+    exp = build(config)
+    s0 = jax.tree_util.tree_map(np.asarray, exp.server)
+    server, _, _ = exp.engine.run_round(exp.server, exp.clients, 0, exp.algorithm.phase(0), np.arange(8, dtype=np.int32))
+    u0, u1 = split_units(s0.trainable), split_units(server.trainable)
     np.testing.assert_array_equal(flat(u1["blocks_0"]), flat(u0["blocks_0"]))
     assert np.abs(flat(u1["blocks_1"]) - flat(u0["blocks_1"])).max() > 0
     np.testing.assert_array_equal(flat(server.opt_state["blocks_0"]), flat(s0.opt_state["blocks_0"]))
@@ -127,6 +134,8 @@ def test_fedadam_moves_only_active_units_and_their_state():
 def test_cached_frozen_part_equals_running_it_every_step():
     """client.cache_frozen runs the SAL trunk (and FedMS's frozen global expert) once per round
     over a client's examples; the rounds must equal running them inside every step."""
+    from fedms_jax.federated.client import uses_cache
+
     extra = ("algorithm=fedms", "rounds=3", "stage1_rounds=2", "data.partition=iid",
              "client.batch_size=64")
     outs = {}
@@ -134,7 +143,7 @@ def test_cached_frozen_part_equals_running_it_every_step():
         config = tiny_config(*extra, f"client.cache_frozen={cache}")
         server, clients, engine, metrics = run_rounds(config, 3)
         max_n = engine.data.images.shape[1]
-        assert engine.algorithm.uses_cache(max_n) is cache and max_n <= 2 * 64
+        assert uses_cache(engine.algorithm.settings, max_n) is cache and max_n <= 2 * 64
         outs[cache] = (server.trainable, clients.local, [m["loss"] for m in metrics])
     # stage 1 at k = 1 (a real trunk below) and 2, then stage 2 (cached global logits)
     np.testing.assert_allclose(outs[True][2], outs[False][2], rtol=1e-5)

@@ -6,15 +6,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import randomize_lora
 from fed_helpers import flat, tiny_config
 from fedms_jax import mofm
 from fedms_jax.data.clients import ClientData
-from fedms_jax.federated import server as srv
-from fedms_jax.federated.algorithms import ALGORITHMS, Phase
-from fedms_jax.federated.algorithms.fedms import GATE
+from fedms_jax.algorithms import ALGORITHMS, fedms
+from fedms_jax.config import FedMSConfig
+from fedms_jax.algorithms.fedms import GATE, mixture
+from fedms_jax.federated import types as srv
+from fedms_jax.federated.types import Phase
 from fedms_jax.run import build
 
 
@@ -35,12 +38,12 @@ def _stage2_round(data, cohort=(0, 1)):
     config = tiny_config("algorithm=fedms", "stage1_rounds=0", "data.num_clients=2", "cohort_size=2",
                          "data.min_examples=2", "sal.mode=all", "client.local_steps=3")
     b = build(config)
-    engine = b["engine"]
+    engine = b.engine
     engine.data = jax.device_put(data)
-    before = jax.tree_util.tree_map(np.asarray, b["server"].trainable)
-    phase = b["algorithm"].phase(0)
+    before = jax.tree_util.tree_map(np.asarray, b.server.trainable)
+    phase = b.algorithm.phase(0)
     assert phase.stage == 2
-    server, clients, _ = engine.run_round(b["server"], b["clients"], 0, phase, np.asarray(cohort, np.int32))
+    server, clients, _ = engine.run_round(b.server, b.clients, 0, phase, np.asarray(cohort, np.int32))
     return before, server, clients, b
 
 
@@ -89,9 +92,8 @@ def test_stage2_local_expert_and_gate_head_untouched_by_other_client(disjoint):
 def mofm_setup(tiny_expert, tiny_backbone, tiny_images):
     """A FedMS algorithm over the tiny expert, with different global and local experts."""
     config = tiny_config("algorithm=fedms", "stage1_rounds=0")
-    b = build(config)
-    algo = b["algorithm"]
-    algo = type(algo)(dataclasses.replace(algo.c, expert=tiny_expert), 0, gate_rank=4)
+    settings = dataclasses.replace(build(config).settings, expert=tiny_expert)
+    algo = fedms(settings, 0, FedMSConfig(gate_rank=4))
     server, clients = algo.init(jax.random.key(1), 1)
     glob = {**server.trainable, "lora": randomize_lora(server.trainable["lora"], jax.random.key(2)),
             "head": jax.tree_util.tree_map(lambda x: x + 0.1, server.trainable["head"])}
@@ -104,15 +106,24 @@ def mofm_setup(tiny_expert, tiny_backbone, tiny_images):
     return algo, server, state, tiny_backbone, tiny_images
 
 
+def _client_view(algo, server, state, backbone, images, phase):
+    """A stage-2 client's (params, ctx, features), as evaluation builds them."""
+    stage = algo.stage(phase)
+    params, ctx = stage.client_init(stage.broadcast(server, phase), state, phase)
+    return stage, params, ctx, stage.featurize(backbone, ctx, images, phase)
+
+
 @pytest.mark.parametrize("local_weight", [0.0, 1.0])
 def test_forced_gate_gives_one_expert(mofm_setup, local_weight):
     algo, server, state, backbone, images = mofm_setup
-    forced = type(algo)(algo.c, 0, gate="fixed", local_weight=local_weight, gate_rank=4)
-    k = algo.expert.num_layers
+    forced = fedms(algo.settings, 0, FedMSConfig(gate="fixed", local_weight=local_weight, gate_rank=4))
+    expert = algo.settings.expert
+    k = expert.num_layers
     phase = Phase(2, k)
-    log_p, extras = forced.predict(backbone, forced.broadcast(server, phase), state, images, phase)
+    stage, params, ctx, feats = _client_view(forced, server, state, backbone, images, phase)
+    log_p, extras = stage.predict(params, ctx, backbone, feats, phase)
     which = state["expert"] if local_weight == 1.0 else server.trainable
-    expected = jax.nn.log_softmax(algo.expert.logits(backbone, which, images, k))
+    expected = jax.nn.log_softmax(expert.logits(backbone, which, images, k))
     np.testing.assert_allclose(np.asarray(log_p), np.asarray(expected), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(extras["gate_local"]), local_weight)
 
@@ -122,12 +133,14 @@ def test_shared_trunk_equals_full_experts(mofm_setup, k, gate_input):
     """The MoFM forward runs the trunk once; each expert run on its own in full (and the gate on
     the [CLS] of the full model's hidden states at the branch point) gives the same."""
     algo, server, state, backbone, images = mofm_setup
-    algo = type(algo)(algo.c, 0, gate_rank=4, gate_input=gate_input)
+    options = FedMSConfig(gate_rank=4, gate_input=gate_input)
+    algo = fedms(algo.settings, 0, options)
     phase = Phase(2, k)
-    down = algo.broadcast(server, phase)
-    local = algo.active(state["expert"], phase)
-    log_p, z_g, z_l, w = algo.forward(backbone, down["global"], local, down[GATE], state["gate_head"], images, phase)
-    expert, L = algo.expert, algo.expert.num_layers
+    stage, params, ctx, feats = _client_view(algo, server, state, backbone, images, phase)
+    assert set(feats.frozen) == {"z_global"}  # the frozen global expert ran once, in featurize
+    log_p, z_g, z_l, w = mixture(algo.settings, options, params, ctx, backbone, feats, phase)
+    down = stage.broadcast(server, phase)
+    expert, L = algo.settings.expert, algo.settings.expert.num_layers
     # Each expert in full: all L blocks, LoRA zeroed below the top k (so those blocks are frozen).
     full = lambda t: expert.logits(backbone, {"lora": sal_zero_below(t["lora"], k, L), "head": t["head"]}, images, L)
     np.testing.assert_allclose(np.asarray(z_g), np.asarray(full(server.trainable)), atol=1e-5)
@@ -136,8 +149,8 @@ def test_shared_trunk_equals_full_experts(mofm_setup, k, gate_input):
     branch = expert.backbone.apply(
         {"params": backbone}, images, method=lambda m, x: m.encoder(m.embed(x), 0, L - k, use_lora=False)
     )
-    feature = branch[:, 0] if algo.gate_input == "cls" else branch.mean(axis=1)
-    w_ref = mofm.gate_weights(down[GATE], state["gate_head"], feature, algo.gate_rank)
+    feature = branch[:, 0] if gate_input == "cls" else branch.mean(axis=1)
+    w_ref = mofm.gate_weights(down[GATE], state["gate_head"], feature, options.gate_rank)
     np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), atol=1e-6)
     mixed = jnp.log(w_ref[:, :1] * jax.nn.softmax(z_g) + w_ref[:, 1:] * jax.nn.softmax(z_l))
     np.testing.assert_allclose(np.asarray(log_p), np.asarray(mixed), atol=1e-5)
@@ -145,10 +158,8 @@ def test_shared_trunk_equals_full_experts(mofm_setup, k, gate_input):
 
 def sal_zero_below(lora, k, L):
     """The LoRA tree with every block below the top k set to zero (so it is the identity)."""
-    from fedms_jax import sal
-
-    active = sal.active_lora(lora, k, L)
-    return sal.merge_active(jax.tree_util.tree_map(jnp.zeros_like, lora), active)
+    top = srv.select({"lora": lora}, srv.active_units(k, L, head=False))["lora"]
+    return srv.replace_units({"lora": jax.tree_util.tree_map(jnp.zeros_like, lora)}, {"lora": top})["lora"]
 
 
 def test_fedms_beats_fedavg_personalized_under_label_skew(tmp_path):
@@ -158,7 +169,7 @@ def test_fedms_beats_fedavg_personalized_under_label_skew(tmp_path):
               "client.optimizer=adamw", "client.lr=0.01", "sal.mode=all"]
     fedms = run(tiny_config("algorithm=fedms", "stage1_rounds=4", *common), tmp_path / "ms", progress=False)
     fedavg = run(tiny_config("algorithm=fedavg", *common), tmp_path / "avg", progress=False)
-    ms, avg = fedms["metrics"]["personalized_accuracy"], fedavg["metrics"]["personalized_accuracy"]
+    ms, avg = fedms.metrics["personalized_accuracy"], fedavg.metrics["personalized_accuracy"]
     assert ms > avg + 0.1, (ms, avg)
 
 
@@ -192,21 +203,24 @@ def test_fedper_keeps_heads_local_and_fedprox_pulls_toward_server():
 
     def moved(*extra):
         b = build(tiny_config(*extra))
-        start = flat(jax.tree_util.tree_map(np.asarray, b["server"].trainable))
-        s, _, _ = b["engine"].run_round(b["server"], b["clients"], 0, b["algorithm"].phase(0), np.arange(8, dtype=np.int32))
+        start = flat(jax.tree_util.tree_map(np.asarray, b.server.trainable))
+        s, _, _ = b.engine.run_round(b.server, b.clients, 0, b.algorithm.phase(0), np.arange(8, dtype=np.int32))
         return flat(s.trainable) - start
 
     avg, prox0 = moved("algorithm=fedavg"), moved("algorithm=fedprox", "fedprox.mu=0")
     np.testing.assert_allclose(prox0, avg, atol=1e-7)  # mu = 0 is FedAvg
     # The FedProx loss is the FedAvg loss plus mu/2 ||theta - theta_server||^2 (numpy oracle).
     b = build(tiny_config("algorithm=fedprox", "fedprox.mu=0.3"))
-    algo, phase = b["algorithm"], b["algorithm"].phase(0)
-    anchor = algo.broadcast(b["server"], phase)
+    phase = b.algorithm.phase(0)
+    stage, backbone = b.algorithm.stage(phase), b.engine.backbone
+    anchor = stage.broadcast(b.server, phase)
     params = jax.tree_util.tree_map(lambda x: x + 0.01 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), anchor)
-    x = algo.prep(b["engine"].data.images[0, :4])
-    y = b["engine"].data.labels[0, :4]
-    prox, _ = algo.loss(params, anchor, b["engine"].backbone, x, y, None, phase=phase)
-    plain = algo.expert_loss(b["engine"].backbone, params, x, y, phase)
+    x = b.settings.prep(b.engine.data.images[0, :4])
+    y = b.engine.data.labels[0, :4]
+    _, ctx = stage.client_init(anchor, {}, phase)
+    prox, _ = stage.loss(params, ctx, backbone, stage.featurize(backbone, ctx, x, phase), y, None, phase)
+    logits = b.settings.expert.logits(backbone, params, x, phase.num_active)
+    plain = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     expected = 0.3 * 0.5 * np.sum((flat(params) - flat(anchor)) ** 2)
     np.testing.assert_allclose(float(prox) - float(plain), expected, rtol=1e-4)
 

@@ -507,5 +507,5 @@ def test_zero_shot_expert_from_config_matches_hf_and_trains(zero_shot_dir, tmp_p
 
     out = run(tiny_config(f"model.pretrained={d}", "model.image_size=16", "model.head=zero_shot",
                           "algorithm=fedms", "stage1_rounds=1"), tmp_path, progress=False)
-    assert out["metrics"]["stage"] == 2 and 0.0 <= out["metrics"]["personalized_accuracy"] <= 1.0
-    assert out["server"].trainable["head"] == {}  # the text classifier is frozen, never sent
+    assert out.metrics["stage"] == 2 and 0.0 <= out.metrics["personalized_accuracy"] <= 1.0
+    assert out.server.trainable["head"] == {}  # the text classifier is frozen, never sent

@@ -36,7 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import suite  # noqa: E402
 
-from fedms_jax.federated.algorithms.base import Phase  # noqa: E402
+from fedms_jax.federated import accounting  # noqa: E402
+from fedms_jax.federated.types import Phase  # noqa: E402
 from fedms_jax.models import transformer  # noqa: E402
 
 
@@ -95,18 +96,18 @@ def main() -> None:
     parts = [x for x in a.without.split(",") if x]
     ablate(parts)
     s = suite.FULL
-    b = suite.make(s, s.w1_clients, a.steps, s.w1_batch)
-    engine, phase = b["engine"], Phase(1, a.k)
-    flops = engine.client_flops(b["server"], b["clients"], phase) * s.w1_clients
-    r = suite.timed_rounds(b, phase, a.repeats)
+    w = suite.make(s, s.w1_clients, a.steps, s.w1_batch)
+    engine, phase = w.engine, Phase(1, a.k)
+    flops = accounting.client_flops(engine, w.server, w.clients, phase) * s.w1_clients
+    r = suite.timed_rounds(w, phase, a.repeats)
     print(f"W1 k={a.k}, {a.steps} steps, without {parts or 'nothing'}: {r['median']:.3f} s/round, "
-          f"{flops / 1e9:.0f} GFLOP, {flops / r['median'] / 1e9:.0f} GFLOP/s, chunk {engine.chunk_size}")
+          f"{flops / 1e9:.0f} GFLOP, {flops / r['median'] / 1e9:.0f} GFLOP/s, chunk {suite.chunk_size(engine)}")
     if a.trace:
         trace_dir = Path(a.trace)
         shutil.rmtree(trace_dir, ignore_errors=True)
         cohort = np.arange(s.w1_clients, dtype=np.int32)
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-            out = engine.run_round(b["server"], b["clients"], 99, phase, cohort)
+            out = engine.run_round(w.server, w.clients, 99, phase, cohort)
             jax.block_until_ready(out)
         server, clients = out[0], out[1]
         hlo = engine.round_fn(phase).lower(server, clients, jnp.int32(0), jnp.asarray(cohort), engine.backbone,

@@ -49,10 +49,12 @@ import numpy as np
 
 from fedms_jax.config import apply_overrides, load_config, validate
 from fedms_jax.data.sources import load_synthetic
-from fedms_jax.federated.algorithms.base import Phase
-from fedms_jax.federated.engine import sample_cohort
+from fedms_jax.federated import accounting
+from fedms_jax.federated.placement import Vmap
+from fedms_jax.federated.rounds import Engine, sample_cohort
+from fedms_jax.federated.types import ClientStates, Phase, ServerState
 from fedms_jax.models.lora import count_params
-from fedms_jax.run import build
+from fedms_jax.run import Experiment, build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,27 @@ def model_overrides(s: Sizes) -> list[str]:
     ]
 
 
-def make(s: Sizes, clients: int, steps: int, batch: int, *extra: str) -> dict:
+@dataclasses.dataclass
+class Workload:
+    """A built ``Experiment`` and its current states. Rounds donate their input states, so
+    ``timed_rounds`` stores each round's outputs here (the experiment itself is frozen and keeps
+    the initial, by then donated, ones)."""
+
+    exp: Experiment
+    server: ServerState
+    clients: ClientStates
+
+    @property
+    def engine(self) -> Engine:
+        return self.exp.engine
+
+
+def chunk_size(engine: Engine) -> int | None:
+    """Clients per vmapped chunk (None: the whole cohort at once, or the sequential backend)."""
+    return engine.placement.chunk_size if isinstance(engine.placement, Vmap) else None
+
+
+def make(s: Sizes, clients: int, steps: int, batch: int, *extra: str) -> Workload:
     """``run.build`` on synthetic data at the model's resolution: ``clients`` clients with two
     batches of examples each, every client in the cohort."""
     config = validate(apply_overrides(load_config("embedded"), model_overrides(s) + [
@@ -101,20 +123,21 @@ def make(s: Sizes, clients: int, steps: int, batch: int, *extra: str) -> dict:
         "sal.mode=fixed", *extra,
     ]))
     data = load_synthetic(num_train=clients * 2 * batch, num_test=64, image_size=s.image, seed=config.seed)
-    return build(config, datasets=data) | {"config": config}
+    exp = build(config, datasets=data)
+    return Workload(exp, exp.server, exp.clients)
 
 
-def timed_rounds(b: dict, phase: Phase, repeats: int) -> dict:
+def timed_rounds(w: Workload, phase: Phase, repeats: int) -> dict:
     """One warm-up round, then ``repeats`` timed rounds at ``phase``: seconds of each."""
-    engine, server, clients = b["engine"], b["server"], b["clients"]
-    cohort = np.arange(b["config"].cohort_size, dtype=np.int32)
+    engine, server, clients = w.engine, w.server, w.clients
+    cohort = np.arange(w.exp.config.cohort_size, dtype=np.int32)
     times = []
     for t in range(repeats + 1 if repeats else 1):
         start = time.perf_counter()
         server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
         jax.block_until_ready((server, clients, metrics))
         times.append(time.perf_counter() - start)
-    b["server"], b["clients"] = server, clients
+    w.server, w.clients = server, clients
     return {"first": times[0], "seconds": times[1:], "median": statistics.median(times[1:] or times)}
 
 
@@ -135,13 +158,13 @@ def matmul_flops(n: int, repeats: int = 10) -> float:
 # --- sections ------------------------------------------------------------------------------
 def bench_w1(s: Sizes, repeats: int, extra: list[str]) -> dict:
     peak_before = matmul_flops(s.matmul)
-    b = make(s, s.w1_clients, s.w1_steps, s.w1_batch, *extra)
-    engine = b["engine"]
+    w = make(s, s.w1_clients, s.w1_steps, s.w1_batch, *extra)
+    engine = w.engine
     rows = []
     for k in s.w1_ks:
         phase = Phase(1, k)
-        flops = engine.client_flops(b["server"], b["clients"], phase) * s.w1_clients
-        r = timed_rounds(b, phase, repeats)
+        flops = accounting.client_flops(engine, w.server, w.clients, phase) * s.w1_clients
+        r = timed_rounds(w, phase, repeats)
         images = s.w1_clients * s.w1_steps * s.w1_batch
         rows.append({"k": k, "flops_per_round": flops, "images_per_round": images, **r,
                      "images_per_second": images / r["median"], "flops_per_second": flops / r["median"]})
@@ -155,7 +178,7 @@ def bench_w1(s: Sizes, repeats: int, extra: list[str]) -> dict:
         row["vs_prediction"] = row["median"] / row["predicted_seconds"] - 1.0
     return {
         "matmul_n": s.matmul, "matmul_flops_per_second": [peak_before, peak_after], "peak": peak,
-        "chunk_size": engine.chunk_size, "rows": rows,
+        "chunk_size": chunk_size(engine), "rows": rows,
         "targets": {
             f"utilisation at k={full['k']} >= 0.70": full["utilisation"] >= 0.70,
             f"k={one['k']} within 15% of the FLOP-ratio prediction": abs(one["vs_prediction"]) <= 0.15,
@@ -168,11 +191,11 @@ def bench_backends(s: Sizes, repeats: int, extra: list[str]) -> dict:
     for m in s.backend_clients:
         row: dict[str, Any] = {"clients": m}
         for backend in ("vmap", "sequential"):
-            b = make(s, m, s.w2_steps, s.w2_batch, f"placement.backend={backend}", *extra)
-            r = timed_rounds(b, Phase(1, s.layers), repeats)
+            w = make(s, m, s.w2_steps, s.w2_batch, f"placement.backend={backend}", *extra)
+            r = timed_rounds(w, Phase(1, s.layers), repeats)
             row[backend] = r
             if backend == "vmap":
-                row["chunk_size"] = b["engine"].chunk_size
+                row["chunk_size"] = chunk_size(w.engine)
             print(f"  W2 {m} clients {backend}: {r['median']:.3f} s/round", flush=True)
         row["ratio"] = row["sequential"]["median"] / row["vmap"]["median"]
         rows.append(row)
@@ -185,19 +208,19 @@ def bench_compile(s: Sizes, extra: list[str]) -> dict:
     """A growing-SAL run: k = 1, 2, ... every 2 rounds. Compilations are counted by JAX's own
     monitoring events (every XLA compile in the process while the loop runs)."""
     every = 2
-    b = make(s, s.compile_clients, s.w2_steps, s.w2_batch, "sal.mode=progressive", "sal.k0=1", "sal.step=1",
+    w = make(s, s.compile_clients, s.w2_steps, s.w2_batch, "sal.mode=progressive", "sal.k0=1", "sal.step=1",
              f"sal.every={every}", f"rounds={s.compile_rounds}", *extra)
-    engine, algorithm = b["engine"], b["algorithm"]
+    engine, algorithm = w.engine, w.exp.algorithm
     events: list[tuple[str, float]] = []
     listener = lambda name, secs, **kw: events.append((name, secs))
     jax.monitoring.register_event_duration_secs_listener(listener)
-    server, clients = b["server"], b["clients"]
+    server, clients = w.server, w.clients
     per_round, ks = [], []
     start_all = time.perf_counter()
     try:
         for t in range(s.compile_rounds):
             phase = algorithm.phase(t)
-            cohort = sample_cohort(b["config"].seed, t, s.compile_clients, s.compile_clients)
+            cohort = sample_cohort(w.exp.config.seed, t, s.compile_clients, s.compile_clients)
             start = time.perf_counter()
             server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
             jax.block_until_ready((server, clients, metrics))
@@ -205,6 +228,7 @@ def bench_compile(s: Sizes, extra: list[str]) -> dict:
             ks.append(phase.num_active)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+    w.server, w.clients = server, clients
     total = time.perf_counter() - start_all
     compiles = [secs for name, secs in events if name.endswith("backend_compile_duration")]
     tracing = [secs for name, secs in events if name.endswith(("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration"))]
@@ -219,14 +243,14 @@ def bench_compile(s: Sizes, extra: list[str]) -> dict:
 
 def memory_point(s: Sizes, cohort: int, extra: list[str]) -> dict:
     """Run in a fresh process: build, 2 rounds of W2 at ``cohort`` clients, peak memory."""
-    b = make(s, cohort, s.w2_steps, s.w2_batch, *extra)
-    engine = b["engine"]
+    w = make(s, cohort, s.w2_steps, s.w2_batch, *extra)
+    engine = w.engine
     phase = Phase(1, s.layers)
     rss_built = _rss_now()
     ids = jnp.arange(cohort, dtype=jnp.int32)
-    compiled = engine.round_fn(phase).lower(b["server"], b["clients"], jnp.int32(0), ids, engine.backbone, engine.data).compile()
+    compiled = engine.round_fn(phase).lower(w.server, w.clients, jnp.int32(0), ids, engine.backbone, engine.data).compile()
     mem = compiled.memory_analysis()
-    timed_rounds(b, phase, 0)  # compiles and runs once
+    timed_rounds(w, phase, 0)  # compiles and runs once
     # The process's own peak (ru_maxrss) is set by XLA compiling, not by running; so RSS is
     # sampled every 2 ms while rounds run, after the compile.
     peak, stop = [_rss_now()], threading.Event()
@@ -238,13 +262,13 @@ def memory_point(s: Sizes, cohort: int, extra: list[str]) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    timed_rounds(b, phase, 1)
+    timed_rounds(w, phase, 1)
     stop.set()
     sampler.join()
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
-        "cohort": cohort, "chunk_size": engine.chunk_size, "platform": device.platform,
+        "cohort": cohort, "chunk_size": chunk_size(engine), "platform": device.platform,
         "peak_rss_bytes": peak[0], "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_build_bytes": rss_built,
         "device_peak_bytes": stats.get("peak_bytes_in_use"),
@@ -281,14 +305,14 @@ def bench_memory(s: Sizes, argv_sizes: list[str], extra: list[str]) -> dict:
 
 
 def bench_fedms(s: Sizes, repeats: int, extra: list[str]) -> dict:
-    b = make(s, s.w1_clients, s.w1_steps, s.w1_batch, "algorithm=fedms", "stage1_rounds=1", "rounds=2", *extra)
-    engine = b["engine"]
+    w = make(s, s.w1_clients, s.w1_steps, s.w1_batch, "algorithm=fedms", "stage1_rounds=1", "rounds=2", *extra)
+    engine = w.engine
     rows = []
     for k in s.fedms_ks:
-        r1 = timed_rounds(b, Phase(1, k), repeats)
-        r2 = timed_rounds(b, Phase(2, k), repeats)
-        f1 = engine.client_flops(b["server"], b["clients"], Phase(1, k))
-        f2 = engine.client_flops(b["server"], b["clients"], Phase(2, k))
+        r1 = timed_rounds(w, Phase(1, k), repeats)
+        r2 = timed_rounds(w, Phase(2, k), repeats)
+        f1 = accounting.client_flops(engine, w.server, w.clients, Phase(1, k))
+        f2 = accounting.client_flops(engine, w.server, w.clients, Phase(2, k))
         rows.append({"k": k, "stage1": r1, "stage2": r2, "ratio": r2["median"] / r1["median"],
                      "flop_ratio": f2 / f1})
         print(f"  FedMS k={k}: stage 1 {r1['median']:.3f} s, stage 2 {r2['median']:.3f} s", flush=True)

@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.cohort_size = 8
     c.eval_every = 1
     c.eval_clients = 8  # clients evaluated at once (vmapped) in personalised evaluation
+    c.eval_batch = 256  # test examples per evaluation batch (inside a client; global test set)
 
     # FedMS stage 2 (DESIGN.md section 1; every "choice" there is an option here).
     c.fedms = ml_collections.ConfigDict()

@@ -1,9 +1,8 @@
-"""Client data as device-resident padded arrays, and per-client batch sampling."""
+"""Client data as device-resident padded arrays."""
 from __future__ import annotations
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedms_jax.data.sources import Dataset
@@ -40,7 +39,3 @@ def stack_clients(dataset: Dataset, parts: list[np.ndarray]) -> ClientData:
     counts = np.array([len(p) for p in parts], np.int32)
     return ClientData(images=images, labels=labels, counts=counts)
 
-
-def sample_indices(count: jax.Array, key: jax.Array, batch_size: int) -> jax.Array:
-    """[batch_size] int32 indices, uniformly with replacement from ``[0, count)``."""
-    return jax.random.randint(key, (batch_size,), 0, jnp.maximum(count, 1))

@@ -1,53 +1,38 @@
-"""Placement: clients as a leading array axis, vmapped, sharded over a 'clients' mesh axis.
+"""Placement backends: how a function of one client runs over a leading client axis.
 
-The one primitive is ``map_reduce``: run ``client_fn`` for every client of a cohort (a
-broadcast value shared by all, a per-client pytree with a leading client axis), and return the
-weighted mean of what the clients upload plus every client's other outputs. Backends:
+A backend has two operations, used by training and evaluation alike:
 
-  * ``vmap``: inside the caller's jit; per-client inputs are constrained to be sharded on the
-    mesh's 'clients' axis, so XLA partitions the vmapped computation over every device. A cohort
-    larger than fits at once runs in chunks (``lax.scan`` over vmapped chunks), summing the
-    weighted uploads as it goes so memory holds one chunk.
-  * ``sequential``: a Python loop over clients with the same ``client_fn`` (jitted once), for
-    debugging and comparison. Same math, reduced on the host side in the same order.
+  * ``map_reduce(fn, broadcast, per_client)``: ``fn(broadcast, client) -> ClientOutput`` for
+    every client; returns the per-unit weighted mean of the uploads, the per-unit total weights,
+    and every client's new state and metrics (stacked);
+  * ``map(fn, broadcast, per_client)``: ``fn(broadcast, client) -> pytree`` for every client,
+    stacked (evaluation).
 
-We wrote this small module rather than use drjax: drjax fixes the number of clients of a
-placement when the program is defined and offers neither chunking nor a sequential backend, and
-the stateful-client gather/scatter lives outside its primitives anyway.
+``Vmap`` runs inside the caller's jit: ``vmap(spmd_axis_name='clients')`` with per-client inputs
+*and* outputs constrained to the mesh's 'clients' axis (the DrJAX pattern), so XLA partitions
+the clients over every device. Cohorts larger than fit at once run in chunks (``lax.scan`` over
+vmapped chunks), summing weighted uploads as they go so memory holds one chunk. ``Sequential``
+is a Python loop over clients with ``fn`` jitted once: the same math, for debugging and
+comparison. Algorithms never see which backend runs them.
+
+We wrote this module rather than use drjax: drjax fixes the number of clients of a placement
+when the program is defined and offers neither chunking nor a sequential backend, and the
+stateful-client gather/scatter lives outside its primitives anyway.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedms_jax.federated.server import weighted_mean, weighted_sum
+from fedms_jax.federated.types import ClientOutput
 
 PyTree = Any
 CLIENTS = "clients"
-
-
-class ClientOutput(NamedTuple):
-    """What ``client_fn`` returns for one client.
-
-    upload: the pytree averaged over the cohort (weighted by ``weight``).
-    weight: scalar float (e.g. the client's example count; 0 excludes it).
-    state: the client's new persistent state (any pytree; may be empty).
-    metrics: per-client scalars (any pytree).
-    """
-
-    upload: PyTree
-    weight: jax.Array
-    state: PyTree
-    metrics: PyTree
-
-
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A ('clients', 'model') mesh whose 'clients' axis spans all (or the given) devices."""
-    from fedms_jax.federated.sharding import make_mesh as make_2d
-
-    return make_2d(devices=devices)
+ClientFn = Callable[[PyTree, PyTree], ClientOutput]
 
 
 def clients_sharding(mesh: Mesh) -> NamedSharding:
@@ -58,98 +43,139 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def _constrain(tree: PyTree, mesh: Mesh | None, spec: P) -> PyTree:
-    if mesh is None:
+def num_clients_of(per_client: PyTree) -> int:
+    return jax.tree_util.tree_leaves(per_client)[0].shape[0]
+
+
+def _pad_clients(tree: PyTree, m: int, to: int) -> PyTree:
+    """Pads the leading axis from m to ``to`` with zeros (a zero client: no examples)."""
+    if to == m:
         return tree
-    sharding = NamedSharding(mesh, spec)
-    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+    return jax.tree_util.tree_map(lambda x: jnp.concatenate([x, jnp.zeros((to - m,) + x.shape[1:], x.dtype)]), tree)
 
 
-def _weighted_sum(uploads: PyTree, weights: jax.Array) -> PyTree:
-    return jax.tree_util.tree_map(
-        lambda u: jnp.tensordot(weights.astype(jnp.float32), u.astype(jnp.float32), axes=1).astype(u.dtype),
-        uploads,
-    )
+class Vmap:
+    """Clients vmapped (and chunked) inside the caller's jit, sharded over ``mesh``'s 'clients'.
 
-
-def _mean(summed: PyTree, total: jax.Array) -> PyTree:
-    """summed / total; a total weight of 0 (every client excluded) gives zeros."""
-    return jax.tree_util.tree_map(lambda s: s / jnp.maximum(total, 1e-12).astype(s.dtype), summed)
-
-
-def map_reduce(
-    client_fn: Callable[[PyTree, PyTree], ClientOutput],
-    broadcast: PyTree,
-    per_client: PyTree,
-    *,
-    mesh: Mesh | None = None,
-    chunk_size: int | None = None,
-) -> tuple[PyTree, jax.Array, PyTree, PyTree]:
-    """vmap backend (call inside jit). per_client leaves: [m, ...].
-
-    Returns (weighted mean of uploads, total weight, stacked states [m, ...], stacked metrics).
-    A total weight of 0 (every client excluded) gives a zero mean.
+    chunk_size: clients per vmapped chunk in ``map_reduce`` (None: the whole cohort at once);
+    must be a multiple of the devices on the 'clients' axis.
     """
-    m = jax.tree_util.tree_leaves(per_client)[0].shape[0]
-    chunk = m if not chunk_size else chunk_size
-    if m % chunk:
-        raise ValueError(f"cohort size {m} is not a multiple of placement.chunk_size {chunk}")
-    n_dev = mesh.shape[CLIENTS] if mesh is not None else 1
-    if chunk % n_dev:
-        raise ValueError(
-            f"clients per chunk ({chunk}) must be a multiple of the {n_dev} devices on the "
-            f"'{CLIENTS}' mesh axis"
-        )
-    vmapped = jax.vmap(client_fn, in_axes=(None, 0))
-    if chunk == m:
-        out = vmapped(broadcast, _constrain(per_client, mesh, P(CLIENTS)))
-        total = out.weight.sum()
-        summed = _weighted_sum(out.upload, out.weight)
-        states, metrics = out.state, out.metrics
-    else:
+
+    jitted = True  # runs inside the caller's jit
+
+    def __init__(self, mesh: Mesh | None = None, chunk_size: int | None = None) -> None:
+        self.mesh = mesh
+        self.chunk_size = chunk_size or None
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.shape[CLIENTS] if self.mesh is not None else 1
+
+    def constrain(self, tree: PyTree) -> PyTree:
+        """Splits the leading (client) axis of every leaf over the mesh's 'clients' axis."""
+        if self.mesh is None:
+            return tree
+        sharding = NamedSharding(self.mesh, P(CLIENTS))
+        return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+    def _vmapped(self, fn: Callable) -> Callable:
+        axis = CLIENTS if self.mesh is not None else None
+        inner = jax.vmap(fn, in_axes=(None, 0), spmd_axis_name=axis)
+        return lambda broadcast, chunk: self.constrain(inner(broadcast, self.constrain(chunk)))
+
+    def _check_chunk(self, chunk: int, m: int) -> None:
+        if m % chunk:
+            raise ValueError(f"cohort size {m} is not a multiple of placement.chunk_size {chunk}")
+        if chunk % self.num_devices:
+            raise ValueError(
+                f"clients per chunk ({chunk}) must be a multiple of the {self.num_devices} devices on "
+                f"the '{CLIENTS}' mesh axis"
+            )
+
+    def map_reduce(self, fn: ClientFn, broadcast: PyTree, per_client: PyTree):
+        """per_client leaves [m, ...] -> (mean upload {unit: ..}, totals {unit: []}, states [m, ..],
+        metrics [m, ..])."""
+        m = num_clients_of(per_client)
+        chunk = self.chunk_size or m
+        self._check_chunk(chunk, m)
+        vmapped = self._vmapped(fn)
+        if chunk == m:
+            out = vmapped(broadcast, per_client)
+            totals = jax.tree_util.tree_map(jnp.sum, out.weight)
+            return weighted_mean(weighted_sum(out.upload, out.weight), totals), totals, out.state, out.metrics
         n = m // chunk
         chunks = jax.tree_util.tree_map(lambda x: x.reshape((n, chunk) + x.shape[1:]), per_client)
-        up_shape = jax.eval_shape(
-            lambda c: vmapped(broadcast, c).upload, jax.tree_util.tree_map(lambda x: x[0], chunks)
-        )
-        zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape[1:], s.dtype), up_shape)
+        shape = jax.eval_shape(vmapped, broadcast, jax.tree_util.tree_map(lambda x: x[0], chunks))
+        zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape[1:], s.dtype), tree)
 
         def body(carry, c):
-            acc, total = carry
-            out = vmapped(broadcast, _constrain(c, mesh, P(CLIENTS)))
-            acc = jax.tree_util.tree_map(jnp.add, acc, _weighted_sum(out.upload, out.weight))
-            return (acc, total + out.weight.sum()), (out.state, out.metrics)
+            acc, totals = carry
+            out = vmapped(broadcast, c)
+            acc = jax.tree_util.tree_map(jnp.add, acc, weighted_sum(out.upload, out.weight))
+            totals = jax.tree_util.tree_map(lambda t, w: t + w.sum(), totals, out.weight)
+            return (acc, totals), (out.state, out.metrics)
 
-        (summed, total), (states, metrics) = jax.lax.scan(body, (zero, jnp.zeros((), jnp.float32)), chunks)
+        (summed, totals), (states, metrics) = jax.lax.scan(body, (zeros(shape.upload), zeros(shape.weight)), chunks)
         unchunk = lambda x: x.reshape((m,) + x.shape[2:])
-        states = jax.tree_util.tree_map(unchunk, states)
-        metrics = jax.tree_util.tree_map(unchunk, metrics)
-    return _mean(summed, total), total, states, metrics
+        states, metrics = jax.tree_util.tree_map(unchunk, (states, metrics))
+        return weighted_mean(summed, totals), totals, self.constrain(states), self.constrain(metrics)
+
+    def map(self, fn: Callable, broadcast: PyTree, per_client: PyTree, *, chunk_size: int | None = None) -> PyTree:
+        """fn over every client, ``chunk_size`` clients at a time (rounded up to the devices;
+        the client axis is padded with zero clients and the padding dropped again)."""
+        m = num_clients_of(per_client)
+        d = self.num_devices
+        chunk = -(-min(chunk_size or m, m) // d) * d
+        n = -(-m // chunk)
+        padded = _pad_clients(per_client, m, n * chunk)
+        vmapped = self._vmapped(fn)
+        if n == 1:
+            out = vmapped(broadcast, padded)
+        else:
+            chunks = jax.tree_util.tree_map(lambda x: x.reshape((n, chunk) + x.shape[1:]), padded)
+            out = jax.lax.map(lambda c: vmapped(broadcast, c), chunks)
+            out = jax.tree_util.tree_map(lambda x: x.reshape((n * chunk,) + x.shape[2:]), out)
+        return jax.tree_util.tree_map(lambda x: x[:m], out)
 
 
-def map_reduce_sequential(
-    client_fn: Callable[[PyTree, PyTree], ClientOutput],
-    broadcast: PyTree,
-    per_client: PyTree,
-) -> tuple[PyTree, jax.Array, PyTree, PyTree]:
-    """The sequential backend: one jitted client at a time, same results as ``map_reduce``."""
-    m = jax.tree_util.tree_leaves(per_client)[0].shape[0]
-    fn = _jitted_client(client_fn)
-    outs = [fn(broadcast, jax.tree_util.tree_map(lambda x: x[i], per_client)) for i in range(m)]
-    stack = lambda *xs: jnp.stack(xs)
-    weights = jnp.stack([o.weight for o in outs]).astype(jnp.float32)
-    uploads = jax.tree_util.tree_map(stack, *[o.upload for o in outs])
-    total = weights.sum()
-    mean = _mean(_weighted_sum(uploads, weights), total)
-    states = jax.tree_util.tree_map(stack, *[o.state for o in outs])
-    metrics = jax.tree_util.tree_map(stack, *[o.metrics for o in outs])
-    return mean, total, states, metrics
+class Sequential:
+    """One jitted client at a time from Python; the same results as ``Vmap``."""
+
+    jitted = False  # drives its own jitted per-client programs
+    num_devices = 1  # one client at a time, wherever JAX puts it
+
+    def __init__(self) -> None:
+        self._jit: dict[Callable, Callable] = {}  # per instance: no program outlives its engine
+
+    def _jitted(self, fn: Callable) -> Callable:
+        if fn not in self._jit:
+            self._jit[fn] = jax.jit(fn)
+        return self._jit[fn]
+
+    def _each(self, fn: Callable, broadcast: PyTree, per_client: PyTree) -> list:
+        f = self._jitted(fn)
+        return [f(broadcast, jax.tree_util.tree_map(lambda x: x[i], per_client)) for i in range(num_clients_of(per_client))]
+
+    def map_reduce(self, fn: ClientFn, broadcast: PyTree, per_client: PyTree):
+        outs = self._each(fn, broadcast, per_client)
+        stack = lambda *xs: jnp.stack(xs)
+        weights = jax.tree_util.tree_map(lambda *ws: jnp.stack(ws).astype(jnp.float32), *[o.weight for o in outs])
+        uploads = jax.tree_util.tree_map(stack, *[o.upload for o in outs])
+        totals = jax.tree_util.tree_map(jnp.sum, weights)
+        states = jax.tree_util.tree_map(stack, *[o.state for o in outs])
+        metrics = jax.tree_util.tree_map(stack, *[o.metrics for o in outs])
+        return weighted_mean(weighted_sum(uploads, weights), totals), totals, states, metrics
+
+    def map(self, fn: Callable, broadcast: PyTree, per_client: PyTree, *, chunk_size: int | None = None) -> PyTree:
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *self._each(fn, broadcast, per_client))
 
 
-_JIT_CACHE: dict[Any, Callable] = {}
+Placement = Vmap | Sequential
 
 
-def _jitted_client(client_fn: Callable) -> Callable:
-    if client_fn not in _JIT_CACHE:
-        _JIT_CACHE[client_fn] = jax.jit(client_fn)
-    return _JIT_CACHE[client_fn]
+def make_placement(backend: str, mesh: Mesh | None, chunk_size: int | None = None) -> Placement:
+    if backend == "vmap":
+        return Vmap(mesh, chunk_size)
+    if backend == "sequential":
+        return Sequential()
+    raise ValueError(f"placement.backend must be 'vmap' or 'sequential', got {backend!r}")

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
+from fedms_jax.config import LORA_TARGETS  # defined with the config, which checks them before jax starts
+
 LORA_COLLECTION = "lora"
 
 # HF peft initialises A with kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).

@@ -1,0 +1,219 @@
+"""What every algorithm is made of: ``Settings``, the ``Stage`` and ``Algorithm`` records, their
+composition (``single``, ``staged``), and the shared expert primitives.
+
+An algorithm is data, in the style of optax's ``GradientTransformation`` and FedJAX's
+``FederatedAlgorithm``: a factory (``fedavg(settings)``, ``fedms(settings, ...)``) closes over
+typed settings and returns a record of pure functions. Per round the engine runs, in one jitted
+program, with ``stage = algorithm.stage(phase)``::
+
+    down = stage.broadcast(server, phase)                 # what the server sends
+    per client (placement backend):
+      params, ctx = stage.client_init(down, state, phase) # what it trains / holds fixed
+      feats       = stage.featurize(backbone, ctx, x, phase)      # frozen part -> Features
+      params'     = local steps of stage.loss(params, ctx, backbone, feats, y, rng, phase)
+      upload, state' = stage.client_final(down, state, params, params', phase)
+    server' = stage.server_update(server, per-unit weighted mean of uploads, totals, phase)
+
+Evaluation reuses the same pieces: a client's personalised model is
+``stage.predict(params, ctx, backbone, featurize(...), phase)`` on its ``client_init``; the global
+model (if any) is the expert ``stage.global_model(down, phase)``.
+
+A two-stage method is ``staged(stage1, stage2)``: the phase's stage number picks the record, no
+method dispatches on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedms_jax import sal
+from fedms_jax.data.preprocess import preprocess
+from fedms_jax.federated import server as srv
+from fedms_jax.federated.client import featurize_branch
+from fedms_jax.federated.types import ClientStates, Features, Phase, ServerState, active_units, replace_units, select
+from fedms_jax.models.expert import Expert
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Settings:
+    """The settings every algorithm takes.
+
+    expert: the model; stats: (mean, std) for preprocessing; schedule: SAL schedule;
+    client_optimizer: local optimizer (fresh state every round); server_optimizer: applied per
+    unit to the pseudo-gradient ``-mean delta``; local_steps, batch_size: local work per round;
+    init_head: initial head params (CLIP zero-shot embeddings) or None for a fresh head;
+    frozen_head: the head when it is not trained (CLIP zero-shot, ``tune_head=False``);
+    cache_frozen: featurize once per round when that is less work than every step.
+    """
+
+    expert: Expert
+    stats: tuple[tuple[float, ...], tuple[float, ...]]
+    schedule: sal.SALSchedule
+    client_optimizer: optax.GradientTransformation
+    server_optimizer: optax.GradientTransformation
+    local_steps: int
+    batch_size: int
+    init_head: PyTree | None = None
+    frozen_head: PyTree | None = None
+    cache_frozen: bool = True
+
+    @property
+    def use_rng(self) -> bool:
+        """Whether local steps need a key (LoRA dropout)."""
+        return self.expert.lora.dropout > 0
+
+    def prep(self, images: jax.Array) -> jax.Array:
+        """uint8 or float images [..., H0, W0, C0] -> the model's float input [..., H, W, C]."""
+        s = self.expert.spec
+        mean, std = self.stats
+        return preprocess(images, s.image_size, mean, std, s.num_channels)
+
+    def with_schedule(self, mode: str) -> Settings:
+        return dataclasses.replace(self, schedule=dataclasses.replace(self.schedule, mode=mode))
+
+
+class Stage(NamedTuple):
+    """One stage's pure functions (see the module docstring for when each runs)."""
+
+    broadcast: Callable[[ServerState, Phase], PyTree]
+    client_init: Callable[[PyTree, PyTree, Phase], tuple[PyTree, PyTree]]
+    featurize: Callable[[PyTree, PyTree, jax.Array, Phase], Features]
+    loss: Callable[..., tuple[jax.Array, dict]]
+    client_final: Callable[[PyTree, PyTree, PyTree, PyTree, Phase], tuple[PyTree, PyTree]]
+    server_update: Callable[[ServerState, PyTree, PyTree, Phase], ServerState]
+    predict: Callable[[PyTree, PyTree, PyTree, Features, Phase], tuple[jax.Array, dict]]
+    global_model: Callable[[PyTree, Phase], PyTree | None]
+
+
+class Algorithm(NamedTuple):
+    """A federated algorithm: its stages and the initial states.
+
+    init(rng, num_clients) -> (ServerState, ClientStates); stages: stage 1 (and 2); rounds
+    ``< stage1_rounds`` run stage 1 (single-stage methods: every round). ``has_global_model``:
+    whether ``global_model`` means anything (``local`` and ``fedper`` have none).
+    """
+
+    name: str
+    settings: Settings
+    init: Callable[[jax.Array, int], tuple[ServerState, ClientStates]]
+    stages: tuple[Stage, ...]
+    stage1_rounds: int
+    has_global_model: bool = True
+
+    @property
+    def two_stage(self) -> bool:
+        return len(self.stages) == 2
+
+    def phase(self, round_index: int) -> Phase:
+        stage = 1 if not self.two_stage or round_index < self.stage1_rounds else 2
+        return Phase(stage, self.settings.schedule.num_active(round_index))
+
+    def phases(self, num_rounds: int) -> list[Phase]:
+        """The distinct phases of a run, in order of first use."""
+        return list(dict.fromkeys(self.phase(t) for t in range(num_rounds)))
+
+    def stage(self, phase: Phase) -> Stage:
+        return self.stages[phase.stage - 1]
+
+
+def single(name: str, settings: Settings, init, stage: Stage, *, has_global_model: bool = True) -> Algorithm:
+    return Algorithm(name, settings, init, (stage,), 0, has_global_model)
+
+
+def staged(name: str, settings: Settings, init, stage1: Stage, stage2: Stage, stage1_rounds: int) -> Algorithm:
+    """Stage 1 for ``stage1_rounds`` rounds, then stage 2."""
+    return Algorithm(name, settings, init, (stage1, stage2), stage1_rounds)
+
+
+# --- shared primitives ----------------------------------------------------------------------
+def delta(new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.subtract, new, old)
+
+
+def stack(tree: PyTree, n: int) -> PyTree:
+    """n copies of ``tree`` along a new leading (client) axis."""
+    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
+
+
+def choose(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
+    """Per-leaf ``where`` on a scalar flag (e.g. 'this client has its own model yet')."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
+
+
+def fresh_clients(num_clients: int, local: PyTree | None = None) -> ClientStates:
+    return ClientStates(jnp.zeros((num_clients,), jnp.int32), {} if local is None else local)
+
+
+def active(settings: Settings, trainable: PyTree, phase: Phase, head: bool = True) -> dict:
+    """The active units of an expert's trainable tree (head + top-k blocks' LoRA)."""
+    return select(trainable, active_units(phase.num_active, settings.expert.num_layers, head=head))
+
+
+def expert_logits(settings: Settings, backbone: PyTree, trainable: PyTree, hidden: jax.Array, phase: Phase, rng=None) -> jax.Array:
+    """The expert's top k blocks and head from the branch point [B, T, D] -> logits [B, C]."""
+    return settings.expert.logits_from_branch(
+        backbone, trainable, hidden, phase.num_active, frozen_head=settings.frozen_head, rng=rng
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean softmax cross-entropy. logits [B, C] float, labels [B] int, mask [B] (1 = counts)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    if mask is None:
+        return losses.mean()
+    mask = mask.astype(jnp.float32)
+    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def expert_stage(settings: Settings, **overrides: Callable) -> Stage:
+    """The stage where the client trains one expert (``params``) with cross-entropy: FedAvg's
+    defaults for every function; ``overrides`` replace some (the other methods' stages)."""
+
+    def featurize(backbone, ctx, images, phase):
+        return featurize_branch(settings.expert, backbone, images, phase)
+
+    def loss(params, ctx, backbone, feats, labels, rng, phase):
+        return cross_entropy(expert_logits(settings, backbone, params, feats.branch.hidden, phase, rng), labels), {}
+
+    def predict(params, ctx, backbone, feats, phase):
+        return jax.nn.log_softmax(expert_logits(settings, backbone, params, feats.branch.hidden, phase)), {}
+
+    def server_update(server, mean, totals, phase):
+        return srv.server_update(settings.server_optimizer, server, mean, totals)
+
+    defaults = dict(
+        broadcast=lambda server, phase: active(settings, server.trainable, phase),
+        client_init=lambda down, state, phase: (down, None),
+        featurize=featurize,
+        loss=loss,
+        client_final=lambda down, state, old, new, phase: (delta(new, old), state),
+        server_update=server_update,
+        predict=predict,
+        global_model=lambda down, phase: down,
+    )
+    return Stage(**{**defaults, **overrides})
+
+
+# --- persistent local experts (two-stage methods) --------------------------------------------
+def local_expert_states(expert: PyTree, num_clients: int, **extra: PyTree) -> ClientStates:
+    """Every client's slot for a local expert (a copy of ``expert``, not ``ready`` yet)."""
+    local = {"ready": jnp.zeros((num_clients,), bool), "expert": stack(expert, num_clients)}
+    local.update({name: stack(v, num_clients) for name, v in extra.items()})
+    return fresh_clients(num_clients, local)
+
+
+def local_expert(settings: Settings, global_active: PyTree, state: PyTree, phase: Phase) -> PyTree:
+    """The client's local expert (active units), or the global expert if it has none yet: with
+    the global expert frozen in stage 2 that equals copying it at the stage boundary, and a
+    client never sampled in stage 2 is served the global expert."""
+    return choose(state["ready"], active(settings, state["expert"], phase), global_active)
+
+
+def store_local(state: PyTree, trained: PyTree) -> dict:
+    return {**state, "ready": jnp.ones((), bool), "expert": replace_units(state["expert"], trained)}

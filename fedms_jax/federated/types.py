@@ -1,0 +1,130 @@
+"""The federated vocabulary every other module speaks: phases, states, a client's output, the
+features a loss reads, and the trainable tree as *units*.
+
+No module here imports the engine, an algorithm or a placement backend, so every module can
+import this one and nothing imports in a cycle.
+
+A **unit** is what SAL switches on and off together, and what aggregation averages as one: the
+head, each block's LoRA adapters (``blocks_i``), and every other top-level entry of a trainable
+tree (FedMS's gate adapter). ``split_units``/``join_units`` convert between the nested trainable
+tree ``{'lora': {'encoder': {'blocks_i': ..}}, 'head': .., 'gate': ..}`` and the flat
+``{unit name: subtree}`` form that uploads, per-unit weights and server optimizer states use.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from fedms_jax import sal
+from fedms_jax.models.vision import Branch
+
+PyTree = Any
+HEAD = "head"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Phase:
+    """The static shape of a round: ``stage`` (1, or 2 for two-stage methods) and the SAL level
+    ``num_active`` (k). Each distinct phase is one compiled round program."""
+
+    stage: int
+    num_active: int
+
+
+@flax.struct.dataclass
+class ServerState:
+    """trainable: the full tree (all blocks, every unit); opt_state: {unit: server-optimizer state}."""
+
+    trainable: PyTree
+    opt_state: PyTree
+
+
+@flax.struct.dataclass
+class ClientStates:
+    """Persistent per-client state, stacked: leading axis = client id.
+
+    participation: int32 [num_clients], rounds each client has trained in.
+    local: algorithm-specific state (e.g. FedMS local experts); ``{}`` when there is none.
+    """
+
+    participation: jax.Array
+    local: PyTree
+
+
+class ClientOutput(NamedTuple):
+    """What one client returns from a round.
+
+    upload: {unit: subtree}, averaged over the cohort unit by unit.
+    weight: {unit: float scalar}, the client's weight in each unit's average (its example count
+      for a unit it trained, 0 for one it did not): a unit is averaged over the clients that
+      trained it, and a unit no client trained is left exactly as it was.
+    state: the client's new persistent state (any pytree; may be empty).
+    metrics: per-client scalars.
+    """
+
+    upload: PyTree
+    weight: PyTree
+    state: PyTree
+    metrics: PyTree
+
+
+@flax.struct.dataclass
+class Features:
+    """What a loss (and a prediction) reads for a batch of examples, leading axis = example.
+
+    branch: the SAL branch point (hidden [B, T, D] entering the lowest active block, cls [B, D]).
+    frozen: outputs of frozen parts an algorithm asked for (e.g. FedMS's frozen global expert:
+      ``{'z_global': [B, C]}``); ``{}`` when there are none.
+
+    ``featurize`` makes it from images; whether the client computes it once per round over all
+    its examples and gathers batches from it, or on every step's batch, is the client trainer's
+    decision and invisible to algorithms.
+    """
+
+    branch: Branch
+    frozen: PyTree = flax.struct.field(default_factory=dict)
+
+
+# --- units ----------------------------------------------------------------------------------
+def unit_names(num_layers: int) -> list[str]:
+    return [HEAD] + [f"blocks_{i}" for i in range(num_layers)]
+
+
+def active_units(num_active: int, num_layers: int, head: bool = True) -> list[str]:
+    """The head (unless ``head=False``) plus the top-k blocks."""
+    return [HEAD] * head + [f"blocks_{i}" for i in sal.active_block_ids(num_active, num_layers)]
+
+
+def split_units(trainable: PyTree) -> dict[str, PyTree]:
+    """Nested trainable tree -> {unit: subtree}. Missing entries are simply absent."""
+    out = {name: sub for name, sub in trainable.items() if name != "lora"}
+    out.update(trainable.get("lora", {}).get("encoder", {}))
+    return out
+
+
+def join_units(units: dict[str, PyTree]) -> dict:
+    """{unit: subtree} -> the nested trainable tree (inverse of ``split_units``)."""
+    blocks = {k: v for k, v in units.items() if sal.block_index(k) is not None}
+    out = {k: v for k, v in units.items() if sal.block_index(k) is None}
+    if blocks:
+        out["lora"] = {"encoder": blocks}
+    return out
+
+
+def select(trainable: PyTree, names: list[str]) -> dict:
+    """The trainable tree restricted to the named units (e.g. the active ones)."""
+    units = split_units(trainable)
+    return join_units({n: units[n] for n in names if n in units})
+
+
+def replace_units(trainable: PyTree, part: PyTree) -> dict:
+    """``trainable`` with the units present in ``part`` replaced."""
+    return join_units({**split_units(trainable), **split_units(part)})
+
+
+def tree_bytes(tree: PyTree) -> int:
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     exp = build(config, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
     algorithm, base = exp.algorithm, exp.engine
     phase = algorithm.phase(0)
-    host_states = jax.tree_util.tree_map(np.asarray, (exp.server, exp.clients))  # rounds donate theirs
+    host_states = jax.tree_util.tree_map(np.asarray, exp.init_states())  # rounds donate theirs
     print(f"{n} x {jax.devices()[0].device_kind}; workload: {' '.join(WORKLOAD + overrides)}; phase {phase}\n")
     print("| layout | backbone MB/device | arguments MB | temporaries MB | s/round (median) | "
           + " | ".join(f"{c} (n, MB)" for c in COLLECTIVES) + " |")

@@ -38,6 +38,7 @@ GATE_INPUTS = ("mean", "cls")
 MIX_MODES = ("probs", "logits")
 LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
 SAL_MODES = ("progressive", "all", "fixed")
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")  # models/transformer.py
 DTYPES = ("float32", "bfloat16")
 HEADS = ("linear", "zero_shot")
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adamw")
@@ -98,9 +99,20 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
         ) from None
 
 
+def _with_defaults(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
+    """``values`` with every key it lacks taken from ``defaults`` (recursively)."""
+    out = dict(defaults)
+    for key, v in values.items():
+        d = defaults.get(key)
+        out[key] = _with_defaults(v, d) if isinstance(v, Mapping) and isinstance(d, Mapping) else v
+    return out
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
-    """Applies ``KEY=VALUE`` strings (dotted keys) with the existing field's type."""
-    config = ml_collections.ConfigDict(config.to_dict())
+    """Applies ``KEY=VALUE`` strings (dotted keys) with the existing field's type. Keys the file
+    does not set (e.g. ones added after it was written) can be overridden too: they take the
+    schema's default first."""
+    config = ml_collections.ConfigDict(_with_defaults(config.to_dict(), Config().to_dict()))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must be KEY=VALUE")
@@ -265,6 +277,7 @@ class ModelConfig(_Section):
     def _validate(self) -> None:
         self._choice("dtype", DTYPES)
         self._choice("head", HEADS)
+        self._choice("hidden_act", ACTIVATIONS)
         self._check(self.hidden % self.heads == 0, "hidden", f"must be divisible by model.heads={self.heads}")
         self._check(self.image_size % self.patch_size == 0, "image_size",
                     f"must be divisible by model.patch_size={self.patch_size}")
@@ -390,7 +403,7 @@ class Config(_Section):
     rounds: int = _int(24)  # all stages together
     stage1_rounds: int = _int(12, lo=0)  # two-stage algorithms (fedms, finetune): rounds of stage 1
     cohort_size: int = _int(8)  # clients sampled each round
-    eval_every: int = _int(1)  # rounds between evaluations (and always the last round of each stage)
+    eval_every: int = _int(1)  # rounds between evaluations (and always after the last round)
     eval_clients: int = _int(8)  # clients evaluated at once (vmapped) in personalised evaluation
     eval_batch: int = _int(256)  # test examples per evaluation batch (inside a client; global test set)
     fedms: FedMSConfig = _section(FedMSConfig)

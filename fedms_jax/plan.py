@@ -80,7 +80,7 @@ def plan(config: Config, layouts: list[Layout]) -> list[dict]:
         except ValueError as e:
             rows.append({**row, "error": str(e)})
             continue
-        server, clients = engine.place((exp.server, exp.clients))
+        server, clients = engine.place(exp.init_states())
         compiled = (
             engine.round_fn(phase)
             .lower(server, clients, jnp.int32(0), jnp.asarray(cohort), engine.backbone, engine.data)

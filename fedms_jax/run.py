@@ -10,6 +10,7 @@ stage 2: the gate's mean weight on the local expert over all test examples).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,6 +37,7 @@ from fedms_jax.federated import accounting
 from fedms_jax.federated.placement import make_placement
 from fedms_jax.federated.rounds import Engine, sample_cohort
 from fedms_jax.federated.server import server_optimizer
+from fedms_jax.federated.sharding import make_mesh
 from fedms_jax.federated.types import ClientStates, Phase, ServerState
 
 PyTree = Any
@@ -55,8 +57,6 @@ def partition_clients(config: Config, train: Dataset, test: Dataset) -> tuple[li
 
 def make_run_mesh(config: Config):
     """The ('clients', 'model') mesh of ``config.mesh`` over every device (of every process)."""
-    from fedms_jax.federated.sharding import make_mesh
-
     m = config.mesh
     try:
         mesh = make_mesh(m.clients, m.model)
@@ -76,8 +76,9 @@ class Experiment:
     """Everything a run needs, built once from a validated config (no compilation happens).
 
     train/test: the (subsampled) datasets; parts/test_parts: each client's example indices;
-    algorithm, engine: what runs; server/clients: the initial states (placed on the mesh);
-    client_test: every client's padded test split; test_images/labels: the whole test set.
+    algorithm, engine: what runs; client_test: every client's padded test split;
+    test_images/labels: the whole test set. It holds no training state: rounds donate their
+    input states, so ``init_states()`` makes fresh ones for each use.
     """
 
     config: Config
@@ -87,8 +88,6 @@ class Experiment:
     test_parts: list[np.ndarray]
     algorithm: Algorithm
     engine: Engine
-    server: ServerState
-    clients: ClientStates
     client_test: ClientData
     test_images: jax.Array
     test_labels: jax.Array
@@ -96,6 +95,11 @@ class Experiment:
     @property
     def settings(self) -> Settings:
         return self.algorithm.settings
+
+    def init_states(self) -> tuple[ServerState, ClientStates]:
+        """The initial (server, client) states from the run's init key, placed on the mesh."""
+        key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
+        return self.engine.place(self.algorithm.init(key, self.config.data.num_clients))
 
     def evaluate(self, server: ServerState, clients: ClientStates, phase: Phase) -> dict[str, float]:
         """Personalised (every client, own test split) and global (whole test set) metrics."""
@@ -134,6 +138,9 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
     built = build_expert(config, train.class_names, jax.random.fold_in(seed_key, 0))
     expert = built.expert
     tuned = expert.tune_head
+    if config.sal.k0 > expert.num_layers:  # a pretrained backbone's depth is known only now
+        raise ConfigError(f"config.sal.k0 = {config.sal.k0}: must be <= the {expert.num_layers} blocks of "
+                          f"model.pretrained={config.model.pretrained!r}")
     settings = Settings(
         expert=expert,
         stats=built.stats,
@@ -163,10 +170,9 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         placement=make_placement(config.placement.backend, mesh, chunk), mesh=mesh,
         strategy=config.mesh.strategy, eval_clients=config.eval_clients, eval_batch=config.eval_batch,
     )
-    server, clients = engine.place(algorithm.init(jax.random.fold_in(seed_key, 1), config.data.num_clients))
     return Experiment(
         config=config, train=train, test=test, parts=parts, test_parts=test_parts, algorithm=algorithm,
-        engine=engine, server=server, clients=clients, client_test=jax.device_put(stack_clients(test, test_parts)),
+        engine=engine, client_test=jax.device_put(stack_clients(test, test_parts)),
         test_images=jnp.asarray(test.images), test_labels=jnp.asarray(test.labels),
     )
 
@@ -208,7 +214,8 @@ class RoundEnd:
 
 class Callback:
     """Hooks of ``run``'s loop; each is a no-op unless overridden. ``on_end`` always runs (in
-    reverse order), also when a round or another callback raised."""
+    reverse order), also when a round or another callback raised. The states in a ``RoundEnd``
+    are valid only during ``on_round``: the next round donates their buffers."""
 
     def on_start(self, exp: Experiment, start: int) -> None: ...
 
@@ -355,8 +362,9 @@ def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, star
     # Bytes per client depend only on the phase (the trees' shapes): computed once per phase.
     bytes_per_phase = {p: accounting.bytes_per_client(engine, server, clients, p) for p in algorithm.phases(config.rounds)}
     record: dict = {}
-    try:
+    with contextlib.ExitStack() as stack:  # every on_end runs, in reverse, even if one raises
         for cb in callbacks:
+            stack.callback(cb.on_end)
             cb.on_start(exp, start)
         for t in range(start, config.rounds):
             phase = algorithm.phase(t)
@@ -376,9 +384,6 @@ def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, star
             end = RoundEnd(t, phase, record, server, clients)
             for cb in callbacks:
                 cb.on_round(end)
-    finally:
-        for cb in reversed(callbacks):
-            cb.on_end()
     return record, server, clients
 
 
@@ -388,13 +393,13 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True, mesh=None
 
     The loop's side effects are callbacks: metrics lines, a progress bar, periodic checkpoints
     and preemption (on SIGTERM/SIGINT the round in flight finishes, a checkpoint is written and
-    ``Preempted`` is raised; the CLI exits with 128 + signal number); ``callbacks`` are added
-    after those.
+    ``Preempted`` is raised; the CLI exits with 128 + signal number); ``callbacks`` run after
+    the metrics writer, the progress bar and checkpointing, before the preemption check.
     """
     config = validate(config)
     workdir = Path(workdir)
     exp = build(config, mesh=mesh)
-    server, clients = exp.server, exp.clients
+    server, clients = exp.init_states()
     primary = jax.process_index() == 0
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep, asynchronous=ck.asynchronous)
@@ -413,9 +418,10 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True, mesh=None
         "rng": {"seed": config.seed, "recipe": "fold_in(fold_in(key(seed), round), client)"},
     }
     checkpointing = Checkpointing(checkpointer, meta)
-    standard = [MetricsWriter(workdir / "metrics.jsonl", primary), ProgressBar(progress and primary),
-                checkpointing, Preemption(checkpointing)]
-    record, server, clients = train_loop(exp, server, clients, start, standard + list(callbacks))
+    # Preemption goes last: every other callback sees the round before it saves and stops the run.
+    loop_callbacks = [MetricsWriter(workdir / "metrics.jsonl", primary), ProgressBar(progress and primary),
+                      checkpointing, *callbacks, Preemption(checkpointing)]
+    record, server, clients = train_loop(exp, server, clients, start, loop_callbacks)
     if not record and start:  # nothing left to run: report the last line written
         lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []
         record = json.loads(lines[-1]) if lines else {}

@@ -25,7 +25,7 @@ def run_experiment(config, rounds: int, *, mesh=None):
     from fedms_jax.run import build
 
     exp = build(config, mesh=mesh)
-    server, clients = exp.server, exp.clients
+    server, clients = exp.init_states()
     metrics = []
     for t in range(rounds):
         phase = exp.algorithm.phase(t)

@@ -58,6 +58,18 @@ def test_no_import_cycles():
     assert "fedms_jax.federated.rounds" in graph and "fedms_jax.algorithms.fedms" in graph
 
 
+def test_config_choices_are_what_the_code_implements():
+    """config.py (no jax) lists the choices; the modules that implement them agree."""
+    from fedms_jax import config
+    from fedms_jax.federated import sharding
+    from fedms_jax.models import lora, transformer
+
+    assert set(config.ACTIVATIONS) == set(transformer._ACTIVATIONS)
+    assert set(config.STRATEGIES) == set(sharding.RULES)
+    assert lora.LORA_TARGETS is config.LORA_TARGETS
+    assert set(config.TWO_STAGE) <= set(config.ALGORITHMS) and set(config.USES_SAL) <= set(config.ALGORITHMS)
+
+
 def test_per_unit_aggregation_averages_each_unit_over_its_clients():
     """Numpy oracle: unit 'a' trained by clients 0, 1, 2 (weights 1, 2, 3); unit 'b' only by
     client 2; unit 'c' by nobody. The vmapped, chunked and sequential backends agree."""
@@ -95,7 +107,7 @@ def trained():
     from fedms_jax.run import build
 
     exp = build(tiny_config("algorithm=fedms", "stage1_rounds=1", "rounds=2"))
-    server, clients = exp.server, exp.clients
+    server, clients = exp.init_states()
     for t in range(2):
         server, clients, _ = exp.engine.run_round(server, clients, t, exp.algorithm.phase(t), sample_cohort(0, t, 8, 8))
     return exp, server, clients
@@ -110,12 +122,12 @@ def test_evaluation_in_small_batches_equals_one_batch(trained):
     assert exp.client_test.labels.shape[1] > 3
     whole = engine.evaluate_clients(server, clients, phase, exp.client_test)
     g_whole = engine.evaluate_global(server, phase, exp.test_images, exp.test_labels)
-    engine.eval_batch, engine._programs = 3, {}
+    engine.eval_batch = 3  # a new program (the sizes are part of its key), not the cached one
     try:
         small = engine.evaluate_clients(server, clients, phase, exp.client_test)
         g_small = engine.evaluate_global(server, phase, exp.test_images, exp.test_labels)
     finally:
-        engine.eval_batch, engine._programs = 256, {}
+        engine.eval_batch = 256
     np.testing.assert_array_equal(small["correct"], whole["correct"])
     np.testing.assert_allclose(small["nll"], whole["nll"], rtol=1e-5)
     np.testing.assert_allclose(small["gate_local"], whole["gate_local"], rtol=1e-5)

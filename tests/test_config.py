@@ -84,6 +84,16 @@ def test_missing_key_takes_its_default():
     assert config.data.train_examples == 0 and config.placement == Config().placement
 
 
+def test_a_key_missing_from_a_file_can_still_be_overridden():
+    import ml_collections
+
+    d = load_config("embedded").to_dict()
+    del d["eval_batch"], d["data"]["test_examples"]
+    old_file = ml_collections.ConfigDict(d)  # a config file written before these keys existed
+    config = validate(apply_overrides(old_file, ["eval_batch=64", "data.test_examples=100"]))
+    assert config.eval_batch == 64 and config.data.test_examples == 100
+
+
 def test_int_checks_name_key_and_value():
     with _raises("config.model.layers = True: must be an integer >= 1"):  # a bool is no count
         ModelConfig(layers=True)

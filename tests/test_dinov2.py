@@ -7,6 +7,8 @@ same model object. No test touches the network.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -216,3 +218,11 @@ def test_fedms_runs_on_a_dinov2_checkpoint_and_idx_files_and_plans(dino, tmp_pat
     assert b.settings.stats == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv2's processor
     rows = plan.plan(config, [plan.Layout(1, 1, "replicated")])
     assert rows and "error" not in rows[0] and rows[0]["backbone_mb"] > 0
+    # The backbone's depth is known once it is loaded: a k0 beyond it is a config error then.
+    from fedms_jax.config import ConfigError
+    from fedms_jax.run import build
+
+    depth = DINO_KW["num_hidden_layers"]
+    deeper = dataclasses.replace(config, sal=dataclasses.replace(config.sal, k0=depth + 1))
+    with pytest.raises(ConfigError, match=rf"config.sal.k0 = {depth + 1}: must be <= the {depth} blocks of model.pretrained"):
+        build(deeper)

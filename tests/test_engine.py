@@ -44,14 +44,13 @@ def test_server_update_is_weighted_mean_of_client_models():
     config = tiny_config("sal.mode=all")
     exp = build(config)
     algo, engine = exp.algorithm, exp.engine
-    server0 = exp.server
+    server0, clients0 = exp.init_states()
     k = algo.phase(0)
     cohort = np.array([1, 4, 6], np.int32)
-    full, _, _ = engine.run_round(server0, exp.clients, 0, k, cohort)
+    full, _, _ = engine.run_round(server0, clients0, 0, k, cohort)
     singles, counts = [], []
     for c in cohort:
-        # Fresh states from build's own initialisation key (the full round donated server0).
-        s, cl = algo.init(jax.random.fold_in(jax.random.key(config.seed), 1), config.data.num_clients)
+        s, cl = exp.init_states()  # fresh: the full round donated server0
         one, _, _ = engine.run_round(s, cl, 0, k, np.array([c], np.int32))
         singles.append(flat(one.trainable))
         counts.append(int(engine.data.counts[c]))
@@ -82,9 +81,9 @@ def test_bytes_count_active_units_only(vmap_two_rounds):
     from fedms_jax.run import build
 
     exp = build(tiny_config())
-    engine, server = exp.engine, exp.server
-    down1, up1 = bytes_per_client(engine, server, exp.clients, Phase(1, 1))
-    down2, _ = bytes_per_client(engine, server, exp.clients, Phase(1, 2))
+    engine, (server, clients) = exp.engine, exp.init_states()
+    down1, up1 = bytes_per_client(engine, server, clients, Phase(1, 1))
+    down2, _ = bytes_per_client(engine, server, clients, Phase(1, 2))
     units = split_units(server.trainable)
     head = tree_bytes(units["head"])
     block = tree_bytes(units["blocks_1"])
@@ -120,8 +119,9 @@ def test_fedadam_moves_only_active_units_and_their_state():
 
     config = tiny_config("server.optimizer=fedadam", "server.lr=0.01", "sal.mode=fixed", "sal.k0=1")
     exp = build(config)
-    s0 = jax.tree_util.tree_map(np.asarray, exp.server)
-    server, _, _ = exp.engine.run_round(exp.server, exp.clients, 0, exp.algorithm.phase(0), np.arange(8, dtype=np.int32))
+    server, clients = exp.init_states()
+    s0 = jax.tree_util.tree_map(np.asarray, server)
+    server, _, _ = exp.engine.run_round(server, clients, 0, exp.algorithm.phase(0), np.arange(8, dtype=np.int32))
     u0, u1 = split_units(s0.trainable), split_units(server.trainable)
     np.testing.assert_array_equal(flat(u1["blocks_0"]), flat(u0["blocks_0"]))
     assert np.abs(flat(u1["blocks_1"]) - flat(u0["blocks_1"])).max() > 0

@@ -16,7 +16,7 @@ from fedms_jax.data.clients import ClientData
 from fedms_jax.algorithms import ALGORITHMS, fedms
 from fedms_jax.config import FedMSConfig
 from fedms_jax.algorithms.fedms import GATE, mixture
-from fedms_jax.federated import types as srv
+from fedms_jax.federated import types
 from fedms_jax.federated.types import Phase
 from fedms_jax.run import build
 
@@ -40,10 +40,11 @@ def _stage2_round(data, cohort=(0, 1)):
     b = build(config)
     engine = b.engine
     engine.data = jax.device_put(data)
-    before = jax.tree_util.tree_map(np.asarray, b.server.trainable)
+    server, clients = b.init_states()
+    before = jax.tree_util.tree_map(np.asarray, server.trainable)
     phase = b.algorithm.phase(0)
     assert phase.stage == 2
-    server, clients, _ = engine.run_round(b.server, b.clients, 0, phase, np.asarray(cohort, np.int32))
+    server, clients, _ = engine.run_round(server, clients, 0, phase, np.asarray(cohort, np.int32))
     return before, server, clients, b
 
 
@@ -59,7 +60,7 @@ def disjoint():
 
 def test_stage2_aggregates_only_the_gate_adapter(disjoint):
     _, (before, server, _, _), _ = disjoint
-    units0, units1 = srv.split_units(before), srv.split_units(server.trainable)
+    units0, units1 = types.split_units(before), types.split_units(server.trainable)
     assert set(units0) == set(units1)
     for name in units0:
         if name == GATE:
@@ -158,8 +159,8 @@ def test_shared_trunk_equals_full_experts(mofm_setup, k, gate_input):
 
 def sal_zero_below(lora, k, L):
     """The LoRA tree with every block below the top k set to zero (so it is the identity)."""
-    top = srv.select({"lora": lora}, srv.active_units(k, L, head=False))["lora"]
-    return srv.replace_units({"lora": jax.tree_util.tree_map(jnp.zeros_like, lora)}, {"lora": top})["lora"]
+    top = types.select({"lora": lora}, types.active_units(k, L, head=False))["lora"]
+    return types.replace_units({"lora": jax.tree_util.tree_map(jnp.zeros_like, lora)}, {"lora": top})["lora"]
 
 
 def test_fedms_beats_fedavg_personalized_under_label_skew(tmp_path):
@@ -203,8 +204,9 @@ def test_fedper_keeps_heads_local_and_fedprox_pulls_toward_server():
 
     def moved(*extra):
         b = build(tiny_config(*extra))
-        start = flat(jax.tree_util.tree_map(np.asarray, b.server.trainable))
-        s, _, _ = b.engine.run_round(b.server, b.clients, 0, b.algorithm.phase(0), np.arange(8, dtype=np.int32))
+        server, clients = b.init_states()
+        start = flat(jax.tree_util.tree_map(np.asarray, server.trainable))
+        s, _, _ = b.engine.run_round(server, clients, 0, b.algorithm.phase(0), np.arange(8, dtype=np.int32))
         return flat(s.trainable) - start
 
     avg, prox0 = moved("algorithm=fedavg"), moved("algorithm=fedprox", "fedprox.mu=0")
@@ -213,7 +215,7 @@ def test_fedper_keeps_heads_local_and_fedprox_pulls_toward_server():
     b = build(tiny_config("algorithm=fedprox", "fedprox.mu=0.3"))
     phase = b.algorithm.phase(0)
     stage, backbone = b.algorithm.stage(phase), b.engine.backbone
-    anchor = stage.broadcast(b.server, phase)
+    anchor = stage.broadcast(b.init_states()[0], phase)
     params = jax.tree_util.tree_map(lambda x: x + 0.01 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), anchor)
     x = b.settings.prep(b.engine.data.images[0, :4])
     y = b.engine.data.labels[0, :4]

@@ -108,7 +108,7 @@ def test_compiled_flops_fall_with_fewer_active_blocks():
     from fedms_jax.run import build
 
     exp = build(tiny_config("model.layers=3", "client.cache_frozen=false"))
-    flops = {k: client_flops(exp.engine, exp.server, exp.clients, types.Phase(1, k)) for k in (3, 1)}
+    flops = {k: client_flops(exp.engine, *exp.init_states(), types.Phase(1, k)) for k in (3, 1)}
     assert flops[1] < 0.8 * flops[3], flops
 
 

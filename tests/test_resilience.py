@@ -152,7 +152,7 @@ def test_nonfinite_client_is_excluded_from_the_aggregate(monkeypatch):
             monkeypatch.setattr(rounds, "client_update", client_update)  # wrapped by the engine's guard
         if empty is not None:
             engine.data = engine.data.replace(counts=engine.data.counts.at[empty].set(0))
-        server, clients, m = engine.run_round(exp.server, exp.clients, 0, algo.phase(0), np.asarray(cohort, np.int32))
+        server, clients, m = engine.run_round(*exp.init_states(), 0, algo.phase(0), np.asarray(cohort, np.int32))
         monkeypatch.undo()
         return flat(server.trainable), np.asarray(clients.participation), m
 

@@ -72,8 +72,7 @@ def experiment(spec: VisionSpec, batch: int, steps: int) -> Experiment:
     engine = Engine(algorithm, jax.jit(expert.init_backbone)(jax.random.key(0)), old.data, seed=config.seed,
                     placement=old.placement, mesh=old.mesh, strategy=old.strategy,
                     eval_clients=old.eval_clients, eval_batch=old.eval_batch)
-    server, clients = engine.place(algorithm.init(jax.random.key(1), config.data.num_clients))
-    return dataclasses.replace(exp, algorithm=algorithm, engine=engine, server=server, clients=clients)
+    return dataclasses.replace(exp, algorithm=algorithm, engine=engine)
 
 
 def main() -> None:
@@ -95,7 +94,7 @@ def main() -> None:
         L = spec.num_layers
         full = None
         for k in (L, L // 2, 1):
-            flops = accounting.client_flops(exp.engine, exp.server, exp.clients, Phase(1, k))
+            flops = accounting.client_flops(exp.engine, *exp.init_states(), Phase(1, k))
             full = full or flops
             print(f"| {name} | {args.batch} | {args.steps} | {k} | {flops / 1e9:.1f} | "
                   f"{flops / args.steps / 1e9:.1f} | {flops / full:.2f} |", flush=True)

@@ -124,7 +124,7 @@ def make(s: Sizes, clients: int, steps: int, batch: int, *extra: str) -> Workloa
     ]))
     data = load_synthetic(num_train=clients * 2 * batch, num_test=64, image_size=s.image, seed=config.seed)
     exp = build(config, datasets=data)
-    return Workload(exp, exp.server, exp.clients)
+    return Workload(exp, *exp.init_states())
 
 
 def timed_rounds(w: Workload, phase: Phase, repeats: int) -> dict:

@@ -34,7 +34,9 @@ from fedms_jax import sal
 from fedms_jax.data.preprocess import preprocess
 from fedms_jax.federated import server as srv
 from fedms_jax.federated.client import featurize_branch
-from fedms_jax.federated.types import ClientStates, Features, Phase, ServerState, active_units, replace_units, select
+from fedms_jax.federated.types import (
+    ClientStates, Features, Phase, ServerState, active_units, replace_units, select, tree_where,
+)
 from fedms_jax.models.expert import Expert
 
 PyTree = Any
@@ -141,11 +143,6 @@ def stack(tree: PyTree, n: int) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
 
 
-def choose(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
-    """Per-leaf ``where`` on a scalar flag (e.g. 'this client has its own model yet')."""
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
-
-
 def fresh_clients(num_clients: int, local: PyTree | None = None) -> ClientStates:
     return ClientStates(jnp.zeros((num_clients,), jnp.int32), {} if local is None else local)
 
@@ -162,13 +159,9 @@ def expert_logits(settings: Settings, backbone: PyTree, trainable: PyTree, hidde
     )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean softmax cross-entropy. logits [B, C] float, labels [B] int, mask [B] (1 = counts)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    if mask is None:
-        return losses.mean()
-    mask = mask.astype(jnp.float32)
-    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy. logits [B, C] float, labels [B] int."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 def expert_stage(settings: Settings, **overrides: Callable) -> Stage:
@@ -212,7 +205,7 @@ def local_expert(settings: Settings, global_active: PyTree, state: PyTree, phase
     """The client's local expert (active units), or the global expert if it has none yet: with
     the global expert frozen in stage 2 that equals copying it at the stage boundary, and a
     client never sampled in stage 2 is served the global expert."""
-    return choose(state["ready"], active(settings, state["expert"], phase), global_active)
+    return tree_where(state["ready"], active(settings, state["expert"], phase), global_active)
 
 
 def store_local(state: PyTree, trained: PyTree) -> dict:

@@ -6,7 +6,8 @@ weighted by example count, and applies its optimizer (FedAvg: SGD lr 1; FedAdam)
 ``prox_mu > 0`` the local loss adds ``mu/2 ||theta - theta_server||^2`` over the trained units
 (FedProx, Li et al. 2020).
 
-Registered as ``fedavg`` (all blocks), ``fedavg_sal`` (the SAL schedule) and ``fedprox``.
+``make_algorithm`` builds it as ``fedavg`` (all blocks), ``fedavg_sal`` (the SAL schedule) and
+``fedprox``.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Each client keeps a *local expert* (the full LoRA tree and head) in its persistent state,
 initialised from the global expert the first time it trains in stage 2 (``common.local_expert``).
-Nothing is sent in stage 2; the global expert stays as stage 1 left it.
+Nothing is uploaded in stage 2 (the global expert's active units are still broadcast: a new
+client starts from them); the global expert stays as stage 1 left it.
 """
 from __future__ import annotations
 

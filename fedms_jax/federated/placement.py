@@ -116,9 +116,11 @@ class Vmap:
             return (acc, totals), (out.state, out.metrics)
 
         (summed, totals), (states, metrics) = jax.lax.scan(body, (zeros(shape.upload), zeros(shape.weight)), chunks)
+        # Not re-constrained after the reshape: chunk-major order interleaves the devices' shards,
+        # and forcing P('clients') on it would move every client's new state between devices.
         unchunk = lambda x: x.reshape((m,) + x.shape[2:])
         states, metrics = jax.tree_util.tree_map(unchunk, (states, metrics))
-        return weighted_mean(summed, totals), totals, self.constrain(states), self.constrain(metrics)
+        return weighted_mean(summed, totals), totals, states, metrics
 
     def map(self, fn: Callable, broadcast: PyTree, per_client: PyTree, *, chunk_size: int | None = None) -> PyTree:
         """fn over every client, ``chunk_size`` clients at a time (rounded up to the devices;

@@ -30,7 +30,7 @@ from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import evaluation, sharding
 from fedms_jax.federated.client import client_update
 from fedms_jax.federated.placement import Placement, replicated
-from fedms_jax.federated.types import ClientOutput, ClientStates, Phase, ServerState
+from fedms_jax.federated.types import ClientOutput, ClientStates, Phase, ServerState, tree_where
 
 PyTree = Any
 EXCLUDED = "excluded"
@@ -62,11 +62,10 @@ def guard(update: Callable) -> Callable:
     def guarded(broadcast, client):
         out = update(broadcast, client)
         ok = (client["count"] > 0) & _all_finite((out.upload, out.state, out.metrics))
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
         return ClientOutput(
             upload=jax.tree_util.tree_map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), out.upload),
             weight=jax.tree_util.tree_map(lambda w: jnp.where(ok, w, 0.0), out.weight),
-            state=keep(out.state, client["state"]),
+            state=tree_where(ok, out.state, client["state"]),
             metrics={
                 **jax.tree_util.tree_map(lambda m: jnp.where(ok, m, 0.0), out.metrics),
                 EXCLUDED: 1.0 - ok.astype(jnp.float32),
@@ -120,7 +119,8 @@ class Engine:
 
     @property
     def compiled_phases(self) -> list[Phase]:
-        return [key[1] for key in self._programs if key[0] == "round"]
+        """The phases whose round program was jitted (none for the sequential backend)."""
+        return [key[1] for key in self._programs if key[0] == "round"] if self.placement.jitted else []
 
     # --- training ---------------------------------------------------------------------------
     def client_fn(self, phase: Phase) -> Callable:
@@ -173,8 +173,8 @@ class Engine:
         return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data)
 
     # --- evaluation -------------------------------------------------------------------------
-    def _program(self, kind: str, phase: Phase, body: Callable) -> Callable:
-        return self._cached((kind, phase), lambda: jax.jit(body) if self.placement.jitted else body)
+    def _program(self, key: tuple, body: Callable) -> Callable:
+        return self._cached(key, lambda: jax.jit(body) if self.placement.jitted else body)
 
     def _replicate(self, tree: PyTree) -> PyTree:
         """Evaluation sums, gathered onto every device (a few scalars per client), so every
@@ -187,21 +187,22 @@ class Engine:
         """Every client's personalised model on its own test split (``test``: padded per-client
         test data [clients, max_t, ...]). Returns per-client arrays [clients]: ``count``,
         ``correct``, ``nll`` (summed) and the sum of every per-example extra (e.g. ``gate_local``)."""
-        fn = self._cached(("personal_fn", phase), lambda: evaluation.personal_eval_fn(self.algorithm, phase, self.eval_batch))
+        sizes = (self.eval_batch, self.eval_clients)  # read at trace time: part of the program's key
+        fn = self._cached(("personal_fn", phase, *sizes), lambda: evaluation.personal_eval_fn(self.algorithm, phase, self.eval_batch))
 
         def body(server, clients, backbone, test):
             down = self.algorithm.stage(phase).broadcast(server, phase)
             per_client = {"images": test.images, "labels": test.labels, "count": test.counts, "state": clients.local}
             return self._replicate(self.placement.map(fn, (backbone, down), per_client, chunk_size=self.eval_clients))
 
-        out = self._program("personal", phase, body)(server, clients, self.backbone, test)
+        out = self._program(("personal", phase, *sizes), body)(server, clients, self.backbone, test)
         return {"count": np.asarray(test.counts), **{name: np.asarray(v) for name, v in out.items()}}
 
     def evaluate_global(self, server: ServerState, phase: Phase, images: jax.Array, labels: jax.Array) -> tuple[float, float]:
         """The global model on a whole test set, split over the devices: -> (mean loss, accuracy)."""
         if not self.algorithm.has_global_model:
             raise TypeError(f"algorithm {self.algorithm.name!r} has no global model")
-        fn = self._cached(("global_fn", phase), lambda: evaluation.global_eval_fn(self.algorithm, phase, self.eval_batch))
+        fn = self._cached(("global_fn", phase, self.eval_batch), lambda: evaluation.global_eval_fn(self.algorithm, phase, self.eval_batch))
         shards = self.placement.num_devices
 
         def body(server, backbone, images, labels):
@@ -209,7 +210,7 @@ class Engine:
             out = self.placement.map(fn, (backbone, down), evaluation.shard_test_set(images, labels, shards))
             return self._replicate({name: v.sum() for name, v in out.items()})
 
-        out = self._program("global", phase, body)(server, self.backbone, images, labels)
+        out = self._program(("global", phase, self.eval_batch), body)(server, self.backbone, images, labels)
         n = labels.shape[0]
         return float(out["nll"]) / n, float(out["correct"]) / n
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedms_jax.federated.types import ServerState, join_units, split_units
+from fedms_jax.federated.types import ServerState, join_units, split_units, tree_where
 
 PyTree = Any
 
@@ -64,10 +64,6 @@ def server_update(
         grad = jax.tree_util.tree_map(jnp.negative, delta)
         updates, new_state = optimizer.update(grad, opt_state[name], params[name])
         trained = totals[name] > 0
-        params[name] = _where(trained, optax.apply_updates(params[name], updates), params[name])
-        opt_state[name] = _where(trained, new_state, opt_state[name])
+        params[name] = tree_where(trained, optax.apply_updates(params[name], updates), params[name])
+        opt_state[name] = tree_where(trained, new_state, opt_state[name])
     return ServerState(join_units(params), opt_state)
-
-
-def _where(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)

@@ -90,10 +90,6 @@ class Features:
 
 
 # --- units ----------------------------------------------------------------------------------
-def unit_names(num_layers: int) -> list[str]:
-    return [HEAD] + [f"blocks_{i}" for i in range(num_layers)]
-
-
 def active_units(num_active: int, num_layers: int, head: bool = True) -> list[str]:
     """The head (unless ``head=False``) plus the top-k blocks."""
     return [HEAD] * head + [f"blocks_{i}" for i in sal.active_block_ids(num_active, num_layers)]
@@ -124,6 +120,11 @@ def select(trainable: PyTree, names: list[str]) -> dict:
 def replace_units(trainable: PyTree, part: PyTree) -> dict:
     """``trainable`` with the units present in ``part`` replaced."""
     return join_units({**split_units(trainable), **split_units(part)})
+
+
+def tree_where(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
+    """Per-leaf ``jnp.where`` on a scalar flag (e.g. 'this client's update is finite')."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
 def tree_bytes(tree: PyTree) -> int:

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     for layout in layouts:
         try:
             mesh = sharding.make_mesh(layout.clients, layout.model)
-            engine = Engine(algorithm, base.backbone, base.data, seed=config.seed, placement=Vmap(mesh), mesh=mesh,
+            engine = Engine(algorithm, base.backbone, base.data, seed=config.seed, placement=Vmap(mesh),
                             strategy=layout.strategy)
         except ValueError as e:
             print(f"| {layout} | not possible: {e} |")

@@ -167,8 +167,7 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
     )
     engine = Engine(
         algorithm, built.backbone, stack_clients(train, parts), seed=config.seed,
-        placement=make_placement(config.placement.backend, mesh, chunk), mesh=mesh,
-        strategy=config.mesh.strategy, eval_clients=config.eval_clients, eval_batch=config.eval_batch,
+        placement=make_placement(config.placement.backend, mesh, chunk), strategy=config.mesh.strategy, eval_clients=config.eval_clients, eval_batch=config.eval_batch,
     )
     return Experiment(
         config=config, train=train, test=test, parts=parts, test_parts=test_parts, algorithm=algorithm,

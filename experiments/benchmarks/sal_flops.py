@@ -70,7 +70,7 @@ def experiment(spec: VisionSpec, batch: int, steps: int) -> Experiment:
     algorithm = make_algorithm(config, dataclasses.replace(exp.settings, expert=expert))
     old = exp.engine
     engine = Engine(algorithm, jax.jit(expert.init_backbone)(jax.random.key(0)), old.data, seed=config.seed,
-                    placement=old.placement, mesh=old.mesh, strategy=old.strategy,
+                    placement=old.placement, strategy=old.strategy,
                     eval_clients=old.eval_clients, eval_batch=old.eval_batch)
     return dataclasses.replace(exp, algorithm=algorithm, engine=engine)
 

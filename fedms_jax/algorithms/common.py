@@ -16,7 +16,8 @@ program, with ``stage = algorithm.stage(phase)``::
 
 Evaluation reuses the same pieces: a client's personalised model is
 ``stage.predict(params, ctx, backbone, featurize(...), phase)`` on its ``client_init``; the global
-model (if any) is the expert ``stage.global_model(down, phase)``.
+model, where there is one, is ``stage.global_predict(backbone, down, branch, phase)`` (``None``
+for methods without a global model).
 
 A two-stage method is ``staged(stage1, stage2)``: the phase's stage number picks the record, no
 method dispatches on it.
@@ -90,15 +91,14 @@ class Stage(NamedTuple):
     client_final: Callable[[PyTree, PyTree, PyTree, PyTree, Phase], tuple[PyTree, PyTree]]
     server_update: Callable[[ServerState, PyTree, PyTree, Phase], ServerState]
     predict: Callable[[PyTree, PyTree, PyTree, Features, Phase], tuple[jax.Array, dict]]
-    global_model: Callable[[PyTree, Phase], PyTree | None]
+    global_predict: Callable[[PyTree, PyTree, Features, Phase], jax.Array] | None
 
 
 class Algorithm(NamedTuple):
     """A federated algorithm: its stages and the initial states.
 
     init(rng, num_clients) -> (ServerState, ClientStates); stages: stage 1 (and 2); rounds
-    ``< stage1_rounds`` run stage 1 (single-stage methods: every round). ``has_global_model``:
-    whether ``global_model`` means anything (``local`` and ``fedper`` have none).
+    ``< stage1_rounds`` run stage 1 (single-stage methods: every round).
     """
 
     name: str
@@ -106,7 +106,11 @@ class Algorithm(NamedTuple):
     init: Callable[[jax.Array, int], tuple[ServerState, ClientStates]]
     stages: tuple[Stage, ...]
     stage1_rounds: int
-    has_global_model: bool = True
+
+    @property
+    def has_global_model(self) -> bool:
+        """Whether every stage has a global model to evaluate (``local`` and ``fedper`` have none)."""
+        return all(s.global_predict is not None for s in self.stages)
 
     @property
     def two_stage(self) -> bool:
@@ -124,8 +128,8 @@ class Algorithm(NamedTuple):
         return self.stages[phase.stage - 1]
 
 
-def single(name: str, settings: Settings, init, stage: Stage, *, has_global_model: bool = True) -> Algorithm:
-    return Algorithm(name, settings, init, (stage,), 0, has_global_model)
+def single(name: str, settings: Settings, init, stage: Stage) -> Algorithm:
+    return Algorithm(name, settings, init, (stage,), 0)
 
 
 def staged(name: str, settings: Settings, init, stage1: Stage, stage2: Stage, stage1_rounds: int) -> Algorithm:
@@ -177,6 +181,9 @@ def expert_stage(settings: Settings, **overrides: Callable) -> Stage:
     def predict(params, ctx, backbone, feats, phase):
         return jax.nn.log_softmax(expert_logits(settings, backbone, params, feats.branch.hidden, phase)), {}
 
+    def global_predict(backbone, down, feats, phase):
+        return expert_logits(settings, backbone, down, feats.branch.hidden, phase)
+
     def server_update(server, mean, totals, phase):
         return srv.server_update(settings.server_optimizer, server, mean, totals)
 
@@ -188,7 +195,7 @@ def expert_stage(settings: Settings, **overrides: Callable) -> Stage:
         client_final=lambda down, state, old, new, phase: (delta(new, old), state),
         server_update=server_update,
         predict=predict,
-        global_model=lambda down, phase: down,
+        global_predict=global_predict,
     )
     return Stage(**{**defaults, **overrides})
 

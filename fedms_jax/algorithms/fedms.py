@@ -117,7 +117,9 @@ def mofm_stage(settings: Settings, f: FedMSConfig):
 
     return expert_stage(
         settings, broadcast=broadcast, client_init=client_init, featurize=featurize, loss=loss,
-        client_final=client_final, predict=predict, global_model=lambda down, phase: down["global"],
+        client_final=client_final, predict=predict,
+        global_predict=lambda backbone, down, feats, phase: expert_logits(
+            settings, backbone, down["global"], feats.branch.hidden, phase),
     )
 
 

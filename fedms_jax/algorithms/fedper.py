@@ -24,6 +24,6 @@ def fedper(settings: Settings) -> Algorithm:
         broadcast=lambda server, phase: active(settings, server.trainable, phase, head=False),
         client_init=lambda down, state, phase: ({**down, "head": state["head"]}, None),
         client_final=lambda down, state, old, new, phase: ({"lora": delta(new["lora"], old["lora"])}, {"head": new["head"]}),
-        global_model=lambda down, phase: None,
+        global_predict=None,  # no shared head: no global model
     )
-    return single("fedper", settings, init, stage, has_global_model=False)
+    return single("fedper", settings, init, stage)

@@ -20,6 +20,6 @@ def local(settings: Settings) -> Algorithm:
         broadcast=lambda server, phase: {},
         client_init=lambda down, state, phase: (active(settings, state["expert"], phase), None),
         client_final=lambda down, state, old, new, phase: ({}, {"expert": replace_units(state["expert"], new)}),
-        global_model=lambda down, phase: None,
+        global_predict=None,
     )
-    return single("local", settings, init, stage, has_global_model=False)
+    return single("local", settings, init, stage)

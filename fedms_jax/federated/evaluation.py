@@ -64,18 +64,15 @@ def personal_eval_fn(algorithm, phase: Phase, batch_size: int) -> Callable:
 
 def global_eval_fn(algorithm, phase: Phase, batch_size: int) -> Callable:
     """``((backbone, down), shard) -> {'correct', 'nll'}`` summed over a shard of the test set
-    (shard = {'images', 'labels', 'count'}), for the expert ``stage.global_model(down)``."""
+    (shard = {'images', 'labels', 'count'}), for the model ``stage.global_predict``."""
     stage, settings = algorithm.stage(phase), algorithm.settings
 
     def evaluate(broadcast, shard):
         backbone, down = broadcast
-        expert = stage.global_model(down, phase)
 
         def fn(x, y, mask):
             feats = featurize_branch(settings.expert, backbone, settings.prep(x), phase)
-            logits = settings.expert.logits_from_branch(
-                backbone, expert, feats.branch.hidden, phase.num_active, frozen_head=settings.frozen_head
-            )
+            logits = stage.global_predict(backbone, down, feats, phase)
             nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
             return {"correct": _correct(logits, y), "nll": nll}
 

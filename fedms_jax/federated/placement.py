@@ -141,12 +141,14 @@ class Vmap:
 
 
 class Sequential:
-    """One jitted client at a time from Python; the same results as ``Vmap``."""
+    """One jitted client at a time from Python; the same results as ``Vmap``. ``mesh`` is where
+    the states live (the clients run one at a time, wherever JAX puts them)."""
 
     jitted = False  # drives its own jitted per-client programs
-    num_devices = 1  # one client at a time, wherever JAX puts it
+    num_devices = 1
 
-    def __init__(self) -> None:
+    def __init__(self, mesh: Mesh | None = None) -> None:
+        self.mesh = mesh
         self._jit: dict[Callable, Callable] = {}  # per instance: no program outlives its engine
 
     def _jitted(self, fn: Callable) -> Callable:
@@ -179,5 +181,5 @@ def make_placement(backend: str, mesh: Mesh | None, chunk_size: int | None = Non
     if backend == "vmap":
         return Vmap(mesh, chunk_size)
     if backend == "sequential":
-        return Sequential()
+        return Sequential(mesh)
     raise ValueError(f"placement.backend must be 'vmap' or 'sequential', got {backend!r}")

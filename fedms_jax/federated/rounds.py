@@ -24,7 +24,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import evaluation, sharding
@@ -83,19 +82,20 @@ class Engine:
       backbone: the frozen backbone params (laid out by ``strategy`` on ``mesh``).
       data: the clients' training data (``ClientData``; placed replicated here).
       seed: the run's seed.
-      placement: ``placement.Vmap`` (one jitted round) or ``placement.Sequential``.
-      mesh: the ('clients', 'model') mesh the states live on.
+      placement: ``placement.Vmap`` (one jitted round) or ``placement.Sequential``; its mesh
+        (default: every device on 'clients') is where the backbone, data and states live.
       strategy: how the backbone is laid out over the 'model' axis (``sharding.RULES``).
       eval_clients: clients evaluated at once (vmapped) in personalised evaluation.
       eval_batch: examples per evaluation batch inside a client (and per global-test batch).
     """
 
     def __init__(
-        self, algorithm, backbone: PyTree, data: ClientData, *, seed: int, placement: Placement, mesh: Mesh,
+        self, algorithm, backbone: PyTree, data: ClientData, *, seed: int, placement: Placement,
         strategy: str = "replicated", eval_clients: int = 8, eval_batch: int = 256,
     ) -> None:
         self.algorithm = algorithm
         self.placement = placement
+        mesh = placement.mesh if placement.mesh is not None else sharding.make_mesh()
         self.mesh = mesh
         self.strategy = strategy
         self.backbone = jax.device_put(backbone, sharding.shardings(backbone, mesh, strategy))

@@ -21,7 +21,7 @@ PyTree = Any
 def _one_client(engine, server: ServerState, clients: ClientStates, phase: Phase):
     """Abstract shapes of one client's round inputs at ``phase``: (stage, down, client)."""
     cohort = jax.eval_shape(
-        lambda: engine._gather(engine.data, clients, jnp.zeros((1,), jnp.int32), jnp.zeros((), jnp.int32))
+        lambda: engine.gather(engine.data, clients, jnp.zeros((1,), jnp.int32), jnp.zeros((), jnp.int32))
     )
     one = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), cohort)
     stage = engine.algorithm.stage(phase)

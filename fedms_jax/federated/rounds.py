@@ -3,7 +3,7 @@
 A round is ``(server state, client states, round index, cohort ids) -> (new states, metrics)``
 (``Engine.run_round``):
 
-1. gather the cohort's data, persistent states and keys (``_gather``);
+1. gather the cohort's data, persistent states and keys (``Engine.gather``);
 2. ``down = stage.broadcast(server, phase)``;
 3. ``placement.map_reduce(client_update, (backbone, down), cohort)`` -> per-unit means and
    totals, new client states, metrics (``federated.client``, ``federated.placement``);
@@ -105,7 +105,7 @@ class Engine:
         self.eval_clients = eval_clients
         self.eval_batch = eval_batch
         self.num_traces = 0  # how many round programs were traced (= compiled)
-        self._programs: dict[tuple, Callable] = {}  # (kind, phase) -> jitted program or client fn
+        self._programs: dict[tuple, Callable] = {}  # (kind, phase, ...) -> program or client fn
 
     def _cached(self, key: tuple, make: Callable[[], Callable]) -> Callable:
         if key not in self._programs:
@@ -128,7 +128,8 @@ class Engine:
         return self._cached(("client", phase), lambda: guard(
             client_update(self.algorithm.stage(phase), phase, self.algorithm.settings)))
 
-    def _gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array) -> PyTree:
+    def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array) -> PyTree:
+        """One round's per-client inputs [cohort, ...]: id, images, labels, count, key, state."""
         take = lambda x: x[cohort_ids]
         return {
             "id": cohort_ids,
@@ -144,7 +145,7 @@ class Engine:
         if self.placement.jitted:
             self.num_traces += 1
             backbone = sharding.constrain(backbone, self.mesh, self.strategy)
-        cohort = self._gather(data, clients, cohort_ids, round_index)
+        cohort = self.gather(data, clients, cohort_ids, round_index)
         broadcast = (backbone, stage.broadcast(server, phase))
         mean, totals, states, metrics = self.placement.map_reduce(self.client_fn(phase), broadcast, cohort)
         server = stage.server_update(server, mean, totals, phase)
@@ -173,8 +174,13 @@ class Engine:
         return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data)
 
     # --- evaluation -------------------------------------------------------------------------
-    def _program(self, key: tuple, body: Callable) -> Callable:
-        return self._cached(key, lambda: jax.jit(body) if self.placement.jitted else body)
+    def _program(self, key: tuple, make_body: Callable[[], Callable]) -> Callable:
+        """The evaluation program ``key`` (everything read at trace time is in it), made once."""
+        def make():
+            body = make_body()
+            return jax.jit(body) if self.placement.jitted else body
+
+        return self._cached(key, make)
 
     def _replicate(self, tree: PyTree) -> PyTree:
         """Evaluation sums, gathered onto every device (a few scalars per client), so every
@@ -187,30 +193,38 @@ class Engine:
         """Every client's personalised model on its own test split (``test``: padded per-client
         test data [clients, max_t, ...]). Returns per-client arrays [clients]: ``count``,
         ``correct``, ``nll`` (summed) and the sum of every per-example extra (e.g. ``gate_local``)."""
-        sizes = (self.eval_batch, self.eval_clients)  # read at trace time: part of the program's key
-        fn = self._cached(("personal_fn", phase, *sizes), lambda: evaluation.personal_eval_fn(self.algorithm, phase, self.eval_batch))
+        batch, chunk = self.eval_batch, self.eval_clients
 
-        def body(server, clients, backbone, test):
-            down = self.algorithm.stage(phase).broadcast(server, phase)
-            per_client = {"images": test.images, "labels": test.labels, "count": test.counts, "state": clients.local}
-            return self._replicate(self.placement.map(fn, (backbone, down), per_client, chunk_size=self.eval_clients))
+        def make_body():
+            fn = evaluation.personal_eval_fn(self.algorithm, phase, batch)
 
-        out = self._program(("personal", phase, *sizes), body)(server, clients, self.backbone, test)
+            def body(server, clients, backbone, test):
+                down = self.algorithm.stage(phase).broadcast(server, phase)
+                per_client = {"images": test.images, "labels": test.labels, "count": test.counts, "state": clients.local}
+                return self._replicate(self.placement.map(fn, (backbone, down), per_client, chunk_size=chunk))
+
+            return body
+
+        out = self._program(("personal", phase, batch, chunk), make_body)(server, clients, self.backbone, test)
         return {"count": np.asarray(test.counts), **{name: np.asarray(v) for name, v in out.items()}}
 
     def evaluate_global(self, server: ServerState, phase: Phase, images: jax.Array, labels: jax.Array) -> tuple[float, float]:
         """The global model on a whole test set, split over the devices: -> (mean loss, accuracy)."""
         if not self.algorithm.has_global_model:
             raise TypeError(f"algorithm {self.algorithm.name!r} has no global model")
-        fn = self._cached(("global_fn", phase, self.eval_batch), lambda: evaluation.global_eval_fn(self.algorithm, phase, self.eval_batch))
-        shards = self.placement.num_devices
+        batch, shards = self.eval_batch, self.placement.num_devices
 
-        def body(server, backbone, images, labels):
-            down = self.algorithm.stage(phase).broadcast(server, phase)
-            out = self.placement.map(fn, (backbone, down), evaluation.shard_test_set(images, labels, shards))
-            return self._replicate({name: v.sum() for name, v in out.items()})
+        def make_body():
+            fn = evaluation.global_eval_fn(self.algorithm, phase, batch)
 
-        out = self._program(("global", phase, self.eval_batch), body)(server, self.backbone, images, labels)
+            def body(server, backbone, images, labels):
+                down = self.algorithm.stage(phase).broadcast(server, phase)
+                out = self.placement.map(fn, (backbone, down), evaluation.shard_test_set(images, labels, shards))
+                return self._replicate({name: v.sum() for name, v in out.items()})
+
+            return body
+
+        out = self._program(("global", phase, batch), make_body)(server, self.backbone, images, labels)
         n = labels.shape[0]
         return float(out["nll"]) / n, float(out["correct"]) / n
 

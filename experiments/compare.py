@@ -34,13 +34,21 @@ from fedms_jax.federated import accounting
 
 METHODS: dict[str, list[str]] = {
     "fedms": ["algorithm=fedms"],
+    # Ablations: the gate trained with the experts on the same batches from the branch point's
+    # mean token (this project's first scheme); no gate; SAL off; no stage 1; budget tiers.
+    "fedms (gate on train batches)": ["algorithm=fedms", "fedms.gate_holdout=0", "fedms.gate_input=mean"],
     "fedms (fixed 0.5/0.5)": ["algorithm=fedms", "fedms.gate=fixed", "fedms.local_weight=0.5"],
     "fedms (no SAL)": ["algorithm=fedms", "sal.mode=all"],
     "fedms (no stage 1)": ["algorithm=fedms", "stage1_rounds=0"],
+    # Budget-aware SAL: 3 tiers of 1, 2 and 4 blocks (a quarter, a quarter, half of each cohort).
+    "fedms (budgets 1/2/4)": ["algorithm=fedms", "sal.budgets=1,2,4", "sal.budget_shares=0.25,0.25,0.5"],
     "fedavg_sal": ["algorithm=fedavg_sal"],
+    "fedavg_sal (budgets 1/2/4)": ["algorithm=fedavg_sal", "sal.budgets=1,2,4", "sal.budget_shares=0.25,0.25,0.5"],
     "fedavg": ["algorithm=fedavg"],
     "fedprox": ["algorithm=fedprox"],
     "fedper": ["algorithm=fedper"],
+    "fedrep": ["algorithm=fedrep"],
+    "ditto": ["algorithm=ditto"],
     "local": ["algorithm=local"],
     "finetune": ["algorithm=finetune"],
 }
@@ -58,9 +66,15 @@ def run_method(base: list[str], config_name: str, method: str, seed: int, workdi
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     phases = [algorithm.phase(t) for t in range(config.rounds)]
     server, clients = out.server, out.clients
-    flops = {p: accounting.client_flops(engine, server, clients, p) for p in algorithm.phases(config.rounds)}
+    # FLOPs per round: each budget tier's clients x one client's FLOPs at the tier's level (one
+    # tier of the whole cohort without budgets); client_flops memoised per level.
+    per_level: dict = {}
+    flops = {p: accounting.tier_flops(engine, server, clients, p, config.cohort_size, per_level)
+             for p in algorithm.phases(config.rounds)}
     trainable = max(accounting.trainable_params(engine, server, clients, p) for p in algorithm.phases(config.rounds))
-    backbone = sum(x.size for x in jax.tree_util.tree_leaves(engine.backbone))
+    # The whole backbone (all L blocks), also with model.frozen_blocks > 0, where the engine
+    # holds only the top L - F blocks: "% of the backbone" stays relative to the real model.
+    backbone = out.experiment.backbone_params
     final = lines[-1]
     return {
         "method": method, "seed": seed, "seconds": seconds,
@@ -71,10 +85,39 @@ def run_method(base: list[str], config_name: str, method: str, seed: int, workdi
         "trainable_pct": 100.0 * trainable / backbone,
         "bytes_up": float(np.mean([l["bytes_up"] / l["cohort"] for l in lines])),
         "bytes_down": float(np.mean([l["bytes_down"] / l["cohort"] for l in lines])),
-        "gflops_per_round": float(np.mean([flops[p] * config.cohort_size for p in phases])) / 1e9,
+        "gflops_per_round": float(np.mean([sum(flops[p]) for p in phases])) / 1e9,
         "gate_local_weight": final.get("gate_local_weight"),
+        "gate_local_std": final.get("gate_local_std"),
+        "personalized_accuracy_global": final.get("personalized_accuracy_global"),
+        "personalized_accuracy_local": final.get("personalized_accuracy_local"),
+        "mixture_minus_best_expert": final.get("mixture_minus_best_expert"),
+        "tiers": tier_costs(engine, server, clients, phases, config.cohort_size, per_level),
         "metrics": lines,
     }
+
+
+def tier_costs(engine, server, clients, phases, cohort_size: int, per_level: dict) -> list[dict] | None:
+    """Per budget tier (``sal.budgets``; None without): clients per round, mean blocks trained,
+    bytes and GFLOPs per client per round (means over the rounds), from each round's level."""
+    if engine.tiers is None:
+        return None
+    nbytes: dict = {}
+    out = []
+    for i, budget in enumerate(engine.tiers.budgets):
+        tiers = [accounting.tier_phases(engine, p, cohort_size)[i] for p in phases]
+        for t in tiers:
+            if t.phase not in nbytes:
+                nbytes[t.phase] = accounting.bytes_per_client(engine, server, clients, t.phase)
+            if t.phase not in per_level:
+                per_level[t.phase] = accounting.client_flops(engine, server, clients, t.phase)
+        out.append({
+            "budget": budget, "clients_per_round": tiers[0].clients,
+            "mean_blocks": float(np.mean([t.phase.num_active for t in tiers])),
+            "bytes_down": float(np.mean([nbytes[t.phase][0] for t in tiers])),
+            "bytes_up": float(np.mean([nbytes[t.phase][1] for t in tiers])),
+            "gflops_per_client_round": float(np.mean([per_level[t.phase] for t in tiers])) / 1e9,
+        })
+    return out
 
 
 def _fmt(values: list, spec: str, scale: float = 1.0) -> str:
@@ -85,21 +128,52 @@ def _fmt(values: list, spec: str, scale: float = 1.0) -> str:
     return format(v.mean(), spec) if len(v) == 1 else f"{format(v.mean(), spec)} ± {format(v.std(), spec)}"
 
 
+def _gate(rs: list[dict]) -> str:
+    if not rs or rs[0].get("gate_local_weight") is None:
+        return "-"
+    std = [r["gate_local_std"] for r in rs if r.get("gate_local_std") is not None]
+    return _fmt([r["gate_local_weight"] for r in rs], ".2f") + (f" ({np.mean(std):.2f})" if std else "")
+
+
 def table(results: list[dict], methods: list[str]) -> str:
     rows = [
-        "| method | personalised acc. | p10 over clients | global acc. | trainable % of backbone "
-        "| KB up / client / round | KB down / client / round | GFLOPs / round | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | personalised acc. | p10 over clients | global acc. | gate: local weight (std over examples) "
+        "| trainable % of backbone | KB up / client / round | KB down / client / round | GFLOPs / round | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         rs = [r for r in results if r["method"] == m]
         col = lambda key: [r[key] for r in rs]
         rows.append(
             f"| {m} | {_fmt(col('personalized_accuracy'), '.3f')} | {_fmt(col('personalized_p10'), '.3f')} "
-            f"| {_fmt(col('accuracy'), '.3f')} | {_fmt(col('trainable_pct'), '.2f')} "
+            f"| {_fmt(col('accuracy'), '.3f')} | {_gate(rs)} | {_fmt(col('trainable_pct'), '.3f')} "
             f"| {_fmt(col('bytes_up'), '.1f', 1e-3)} | {_fmt(col('bytes_down'), '.1f', 1e-3)} "
             f"| {_fmt(col('gflops_per_round'), '.2f')} | {_fmt(col('seconds'), '.0f')} |"
         )
+    mixtures = [m for m in methods if any(r["method"] == m and r.get("personalized_accuracy_local") is not None for r in results)]
+    if mixtures:  # FedMS: the mixture against each of its own experts alone, on the same clients
+        rows += ["", "The mixture against its own experts (personalised accuracy on each client's test split):", "",
+                 "| method | mixture | global expert alone | local expert alone | per-client mixture - best expert |",
+                 "|---|---|---|---|---|"]
+        for m in mixtures:
+            rs = [r for r in results if r["method"] == m]
+            col = lambda key: [r[key] for r in rs]
+            rows.append(f"| {m} | {_fmt(col('personalized_accuracy'), '.3f')} | {_fmt(col('personalized_accuracy_global'), '.3f')} "
+                        f"| {_fmt(col('personalized_accuracy_local'), '.3f')} | {_fmt(col('mixture_minus_best_expert'), '+.3f')} |")
+    tiered = [(m, r["tiers"]) for m in methods for r in results if r["method"] == m and r.get("tiers")]
+    if tiered:  # budget-aware SAL: the costs of each tier (the first seed's run of each method)
+        rows += ["", "Per budget tier (`sal.budgets`; means over the rounds):", "",
+                 "| method | budget (blocks) | clients / round | blocks trained | KB up / client / round "
+                 "| KB down / client / round | GFLOPs / client / round |",
+                 "|---|---|---|---|---|---|---|"]
+        seen = set()
+        for m, tiers in tiered:
+            if m in seen:
+                continue
+            seen.add(m)
+            rows += [f"| {m} | {t['budget']} | {t['clients_per_round']} | {t['mean_blocks']:.2f} "
+                     f"| {t['bytes_up'] / 1e3:.1f} | {t['bytes_down'] / 1e3:.1f} | {t['gflops_per_client_round']:.3f} |"
+                     for t in tiers]
     return "\n".join(rows)
 
 
@@ -151,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--workdir", default=None, help="where the runs' metrics go (default: OUT/runs)")
+    p.add_argument("--reuse", action="store_true",
+                   help="take a run's result from WORKDIR/<method>_seed<s>.json when an earlier invocation "
+                        "finished it (the same config and overrides are the caller's responsibility)")
     args = p.parse_args([a for a in argv if not a.startswith("--config.")])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -166,7 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for m in methods:
         for s in seeds:
-            r = run_method(base, args.config, m, s, runs / f"{''.join(c if c.isalnum() else '_' for c in m)}_seed{s}")
+            workdir = runs / f"{''.join(c if c.isalnum() else '_' for c in m)}_seed{s}"
+            done = workdir.with_name(workdir.name + ".json")
+            if args.reuse and done.exists():  # a finished run of an earlier (or parallel) invocation
+                results.append(json.loads(done.read_text()))
+                continue
+            r = run_method(base, args.config, m, s, workdir)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(r))
+            tmp.replace(done)
             print(f"{m:24s} seed {s}: personalised {r['personalized_accuracy']:.3f}  global "
                   f"{r['accuracy'] if r['accuracy'] is not None else float('nan'):.3f}  {r['seconds']:.0f}s", flush=True)
             results.append(r)

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import optax
 
 from fedms_jax.config import Config
+from fedms_jax.data.features import FrozenStem
 from fedms_jax.data.preprocess import CLIP_STATS, IMAGENET_HALF, IMAGENET_STATS
 from fedms_jax.models.expert import Expert
 from fedms_jax.models.lora import LoRASpec
 from fedms_jax.models.transformer import EncoderSpec
-from fedms_jax.models.vision import VisionSpec
+from fedms_jax.models.vision import VisionSpec, split_params
 
 PyTree = Any
 
@@ -78,12 +79,36 @@ def build_expert(config: Config, class_names: Sequence[str], rng: jax.Array) -> 
     return Built(expert, jax.tree_util.tree_map(jnp.asarray, backbone), stats, head)
 
 
+def split_frozen(built: Built, frozen_blocks: int) -> tuple[Built, FrozenStem]:
+    """(the federated part, the frozen stem) of a built expert at block F = ``frozen_blocks``.
+
+    The federated part is an expert of the top ``L - F`` blocks whose input is tokens [B, T, D]
+    (``VisionSpec.split``; its LoRA units ``blocks_0 .. blocks_{L-F-1}`` are the backbone's
+    blocks ``F .. L-1``), with the top blocks' params and the same stats and head. The stem is
+    embeddings + blocks ``[0, F)``: uint8 images -> tokens (``data.features.FrozenStem``).
+    """
+    e = built.expert
+    stem_spec, top_spec = e.spec.split(frozen_blocks)
+    stem_params, top_params = split_params(built.backbone, frozen_blocks)
+    top = dataclasses.replace(built, expert=dataclasses.replace(e, spec=top_spec), backbone=top_params)
+    return top, FrozenStem(stem_spec, stem_params, built.stats, e.dtype)
+
+
+def lr_scale(config: Config):
+    """The local learning-rate schedule as a factor of ``client.lr``: ``(step, steps) -> factor``
+    over one round's steps (a segment's, for methods that split the round), or None
+    (constant). It multiplies the optimizer's update outside the optimizer, so an optimizer
+    state that persists across rounds (``Stage.persistent``) does not carry the schedule with it.
+    cosine: ``optax.cosine_decay_schedule(1, steps)``."""
+    if config.client.schedule != "cosine":
+        return None
+    return lambda step, steps: optax.cosine_decay_schedule(1.0, steps)(step)
+
+
 def client_optimizer(config: Config) -> optax.GradientTransformation:
-    """The clients' local optimizer; its schedule spans one round's local steps."""
+    """The clients' local optimizer at the peak learning rate (the schedule is ``lr_scale``)."""
     c = config.client
     lr: Any = c.lr
-    if c.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(c.lr, c.local_steps)
     if c.optimizer == "sgd":
         return optax.sgd(lr)
     if c.optimizer == "momentum":

@@ -33,7 +33,8 @@ from fedms_jax.config import Config, ConfigError, validate
 PyTree = Any
 FORMAT = 1
 # Keys that may change between a run and its resume without changing its results.
-RESUMABLE_CHANGES = ("rounds", "eval_every", "eval_clients", "eval_batch", "placement.", "checkpoint.", "data.data_dir")
+RESUMABLE_CHANGES = ("rounds", "eval_every", "eval_clients", "eval_batch", "placement.", "checkpoint.", "data.data_dir",
+                     "data.feature_cache")
 
 
 def _version() -> str:

@@ -29,15 +29,18 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import ml_collections
 
+from fedms_jax import budgets as _budgets  # numpy only: the budget checks, before jax starts
+
 # The choices of the string-valued options (the implementing modules import these).
-ALGORITHMS = ("fedms", "fedavg_sal", "fedavg", "fedprox", "fedper", "local", "finetune")
+ALGORITHMS = ("fedms", "fedavg_sal", "fedavg", "fedprox", "fedper", "fedrep", "ditto", "local", "finetune")
 TWO_STAGE = ("fedms", "finetune")  # algorithms with a stage 1 of ``stage1_rounds`` rounds
 USES_SAL = ("fedms", "fedavg_sal")  # algorithms that follow ``sal.*``; the others train every block
 GATE_MODES = ("learned", "fixed")
-GATE_INPUTS = ("mean", "cls")
+GATE_INPUTS = ("global_feature", "mean", "cls")
 MIX_MODES = ("probs", "logits")
 LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
 SAL_MODES = ("progressive", "all", "fixed")
+BUDGET_MODES = _budgets.MODES  # sal.budget_mode (fedms_jax/budgets.py)
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")  # models/transformer.py
 DTYPES = ("float32", "bfloat16")
 HEADS = ("linear", "zero_shot")
@@ -90,13 +93,26 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
             return float(text)
         if isinstance(current, tuple):
             items = [s.strip() for s in text.split(",") if s.strip()]
-            kind = type(current[0]) if current else str
+            kind = type(current[0]) if current else _tuple_item(key)
             return tuple(kind(s) for s in items)
         return text
     except ValueError:
         raise ConfigError(
             f"--config.{key}={text!r} is not a valid {type(current).__name__}"
         ) from None
+
+
+def _tuple_item(key: str) -> type:
+    """The item type of the tuple field at dotted ``key`` in the schema (str if unknown): an
+    empty default (``sal.budgets = ()``) still parses ``4,8,12`` as ints."""
+    cls: Any = Config
+    for part in key.split("."):
+        hint = _hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if hint is None:
+            return str
+        cls = hint
+    args = typing.get_args(cls)
+    return args[0] if args and args[0] in (int, float, str) else str
 
 
 def _with_defaults(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
@@ -178,6 +194,16 @@ class _Section:
                 _check(isinstance(v, (tuple, list)) and all(isinstance(s, str) for s in v), key, v,
                        "must be a tuple of strings")
                 v = tuple(v)
+            elif kind == tuple[int, ...]:
+                _check(isinstance(v, (tuple, list)) and all(
+                    isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v), key, v,
+                       "must be a tuple of integers")
+                v = tuple(int(x) for x in v)
+            elif kind == tuple[float, ...]:
+                _check(isinstance(v, (tuple, list)) and all(
+                    isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v), key, v,
+                       "must be a tuple of numbers")
+                v = tuple(float(x) for x in v)
             else:  # a section
                 _check(isinstance(v, kind), key, v, f"must be a {kind.__name__}")
             object.__setattr__(self, f.name, v)
@@ -209,9 +235,17 @@ class FedMSConfig(_Section):
     gate: str = "learned"  # learned | fixed (ablation: no gate network)
     local_weight: float = 0.5  # gate=fixed: the mixture's weight on the local expert
     gate_rank: int = _int(16)  # gate adapter bottleneck d -> r -> d
-    gate_input: str = "mean"  # mean of the branch point's tokens | cls (its [CLS] vector)
+    # global_feature: the frozen global expert's pooled feature (its head's input: deep, content
+    # aware at every SAL level) | mean of the branch point's tokens | cls (its [CLS] vector)
+    gate_input: str = "global_feature"
+    # Fraction of each client's training examples held out from its local expert and used only
+    # to train the gate (with the experts' outputs stop-gradient'ed), so the gate learns how the
+    # experts do on data the local expert has not memorised. 0: the gate and the experts are
+    # trained together on the same batches by the mixture's loss (the original scheme).
+    gate_holdout: float = 0.2
     mixing: str = "probs"  # probs (mix softmaxes) | logits
-    aux_weight: float = 0.0  # + aux_weight * each trained expert's own cross-entropy
+    # gate_holdout=0: + aux_weight * each trained expert's own cross-entropy
+    aux_weight: float = 0.0
     train_global: bool = False  # keep training the global expert (FedAvg) in stage 2
 
     def _validate(self) -> None:
@@ -220,6 +254,9 @@ class FedMSConfig(_Section):
         self._choice("gate_input", GATE_INPUTS)
         self._check(0.0 <= self.local_weight <= 1.0, "local_weight", "must be in [0, 1]")
         self._check(self.aux_weight >= 0, "aux_weight", "must be >= 0")
+        self._check(0.0 <= self.gate_holdout < 1.0, "gate_holdout", "must be in [0, 1)")
+        self._check(not (self.gate_holdout > 0 and self.train_global), "gate_holdout",
+                    "must be 0 with fedms.train_global=True (the held-out slice assumes a frozen global expert)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +268,29 @@ class FedProxConfig(_Section):
 
     def _validate(self) -> None:
         self._check(self.mu >= 0, "mu", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class FedRepConfig(_Section):
+    """FedRep (Collins et al. 2021): each round the local head is trained first with the body
+    fixed, then the body (the LoRA adapters, federated) with the head fixed."""
+
+    _key = "fedrep."
+    head_fraction: float = 0.5  # share of a round's local steps spent on the head (first)
+
+    def _validate(self) -> None:
+        self._check(0.0 < self.head_fraction < 1.0, "head_fraction", "must be in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DittoConfig(_Section):
+    """Ditto (Li et al. 2021): a personal model regularised toward the global one."""
+
+    _key = "ditto."
+    lam: float = 0.1  # weight of (lam / 2) * ||v - w_global||^2 in the personal model's loss
+
+    def _validate(self) -> None:
+        self._check(self.lam >= 0, "lam", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +308,9 @@ class DataConfig(_Section):
     image_size: int = _int(0, lo=0)  # data.name=folder: resize every image to this size (0: keep; all must match)
     train_examples: int = _int(0, lo=0)  # a stratified, seeded subset of the training split (0: all of it)
     test_examples: int = _int(0, lo=0)  # likewise for the test split (personalised and global evaluation)
+    # model.frozen_blocks > 0: a directory where the frozen stem's tokens of the (subsampled)
+    # train and test images are kept, keyed by a hash of images, backbone and preprocessing ("": none)
+    feature_cache: str = ""
 
     def _validate(self) -> None:
         self._choice("partition", PARTITIONS)
@@ -273,9 +336,15 @@ class ModelConfig(_Section):
     head: str = "linear"  # linear | zero_shot (CLIP: class-prompt text embeddings)
     tune_head: bool = False  # zero_shot only: train the text classifier too (linear always is)
     prompt: str = "a photo of a {}."  # zero_shot: the class prompt template
+    # F: blocks [0, F) are frozen for every method (no LoRA below block F) and run once per image
+    # before training (data.feature_cache keeps their output); the federated model is blocks [F, L)
+    frozen_blocks: int = _int(0, lo=0)
 
     def _validate(self) -> None:
         self._choice("dtype", DTYPES)
+        # A pretrained backbone's depth is known only once it is loaded (run.build checks then).
+        self._check(self.frozen_blocks < self.layers or bool(self.pretrained), "frozen_blocks",
+                    f"must be < model.layers={self.layers} (at least one block must be trainable)")
         self._choice("head", HEADS)
         self._choice("hidden_act", ACTIVATIONS)
         self._check(self.hidden % self.heads == 0, "hidden", f"must be divisible by model.heads={self.heads}")
@@ -313,9 +382,17 @@ class SALConfig(_Section):
     k0: int = _int(1)  # active top blocks at round 0
     step: int = _int(1)  # progressive: blocks added each time
     every: int = _int(3)  # progressive: rounds between additions
+    # Budget-aware SAL (fedms_jax/budgets.py): blocks per compute tier, increasing (empty: every
+    # client trains the k(t) blocks); a client of budget b trains the top min(k(t), b) blocks
+    budgets: tuple[int, ...] = ()
+    budget_shares: tuple[float, ...] = ()  # each tier's share of the clients, summing to 1 (empty: equal)
+    budget_mode: str = "static"  # static: a client's tier is fixed | dynamic: drawn anew every round
 
     def _validate(self) -> None:
         self._choice("mode", SAL_MODES)
+        self._choice("budget_mode", BUDGET_MODES)
+        for key, value, what in _budgets.problems(self.budgets, self.budget_shares, self.budget_mode):
+            _check(False, key, value, what)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +400,11 @@ class ClientConfig(_Section):
     """Local training on each client of the cohort."""
 
     _key = "client."
-    local_steps: int = _int(10)  # optimizer steps per client per round
+    local_steps: int = _int(10)  # optimizer steps per client per round (when epochs = 0)
+    # > 0: E passes over each client's training examples per round, without replacement, in
+    # batches of batch_size (the last partial batch masked; a client with fewer examples than
+    # the largest runs no-op steps at the end). 0: local_steps batches drawn with replacement.
+    epochs: int = _int(0, lo=0)
     batch_size: int = _int(32)  # examples per local step
     optimizer: str = "adamw"  # sgd | momentum | adamw
     lr: float = 3e-3  # the local learning rate (the schedule's peak)
@@ -399,7 +480,7 @@ class Config(_Section):
     Frozen and hashable; build a variant with ``dataclasses.replace`` (it validates again)."""
 
     seed: int = _int(0, lo=0)  # every random draw is fold_in(key(seed), round, client)
-    algorithm: str = "fedms"  # fedms | fedavg_sal | fedavg | fedprox | fedper | local | finetune
+    algorithm: str = "fedms"  # fedms | fedavg_sal | fedavg | fedprox | fedper | fedrep | ditto | local | finetune
     rounds: int = _int(24)  # all stages together
     stage1_rounds: int = _int(12, lo=0)  # two-stage algorithms (fedms, finetune): rounds of stage 1
     cohort_size: int = _int(8)  # clients sampled each round
@@ -408,6 +489,8 @@ class Config(_Section):
     eval_batch: int = _int(256)  # test examples per evaluation batch (inside a client; global test set)
     fedms: FedMSConfig = _section(FedMSConfig)
     fedprox: FedProxConfig = _section(FedProxConfig)
+    fedrep: FedRepConfig = _section(FedRepConfig)
+    ditto: DittoConfig = _section(DittoConfig)
     data: DataConfig = _section(DataConfig)
     model: ModelConfig = _section(ModelConfig)
     lora: LoRAConfig = _section(LoRAConfig)
@@ -427,11 +510,23 @@ class Config(_Section):
                     f"must be <= data.num_clients={self.data.num_clients}")
         # A pretrained backbone's depth is only known once it is loaded (SALSchedule checks then).
         m = self.model
-        _check(self.sal.k0 <= m.layers or bool(m.pretrained), "sal.k0", self.sal.k0,
-               f"must be <= model.layers={m.layers}")
+        trainable = m.layers - m.frozen_blocks
+        _check(self.sal.k0 <= trainable or bool(m.pretrained), "sal.k0", self.sal.k0,
+               f"must be <= model.layers={m.layers}" if not m.frozen_blocks else
+               f"must be <= model.layers - model.frozen_blocks = {m.layers} - {m.frozen_blocks} = {trainable}")
         chunk = self.placement.chunk_size
         _check(chunk == 0 or self.cohort_size % chunk == 0, "placement.chunk_size", chunk,
                f"must divide cohort_size={self.cohort_size}")
+        b = self.sal.budgets
+        if b:  # budget-aware SAL (fedms_jax/budgets.py)
+            _check(self.algorithm in USES_SAL, "sal.budgets", b,
+                   f"budgets limit the SAL level; algorithm={self.algorithm!r} trains every block on every "
+                   f"client (budgets apply to {list(USES_SAL)})")
+            _check(max(b) <= trainable or bool(m.pretrained), "sal.budgets", b,
+                   f"each must be <= the {trainable} trainable blocks (model.layers - model.frozen_blocks)")
+            for key, value, what in _budgets.problems(b, self.sal.budget_shares, self.sal.budget_mode,
+                                                      self.data.num_clients, self.cohort_size):
+                _check(False, key, value, what)
 
     @classmethod
     def from_dict(cls, config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:

@@ -75,14 +75,15 @@ def mix(weights: jax.Array, z_global: jax.Array, z_local: jax.Array, mode: str =
     """The MoFM output as log-probabilities [B, C].
 
     weights [B, 2] (global, local), logits [B, C] each. ``probs`` mixes the two softmaxes
-    (computed in log space: a weight of exactly 0 removes that expert exactly); ``logits``
+    (computed in log space: a weight of 0 removes that expert, up to e^-87); ``logits``
     mixes the logits before one softmax.
     """
     chex.assert_equal_shape((z_global, z_local))
     chex.assert_shape(weights, (z_global.shape[0], 2))
     zg, zl = z_global.astype(jnp.float32), z_local.astype(jnp.float32)
     if mode == "probs":
-        log_w = jnp.log(weights)
+        # Clamped: a saturated softmax gives an exact 0, whose log's gradient would be NaN.
+        log_w = jnp.log(jnp.maximum(weights, jnp.finfo(jnp.float32).tiny))
         return jnp.logaddexp(
             log_w[:, GLOBAL, None] + jax.nn.log_softmax(zg), log_w[:, LOCAL, None] + jax.nn.log_softmax(zl)
         )
@@ -91,7 +92,12 @@ def mix(weights: jax.Array, z_global: jax.Array, z_local: jax.Array, mode: str =
     raise ValueError(f"fedms.mixing must be one of {list(MIX_MODES)}, got {mode!r}")
 
 
+def nll_per_example(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
+    """``-log p(y)`` per example [B]. log_probs [B, C], labels [B] int."""
+    chex.assert_rank(log_probs, 2)
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+
 def nll(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean ``-log p(y)`` over the batch. log_probs [B, C], labels [B] int."""
-    chex.assert_rank(log_probs, 2)
-    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1).mean()
+    return nll_per_example(log_probs, labels).mean()

@@ -6,7 +6,10 @@ cohort, bytes_up, bytes_down, seconds`` every round (plus training-side extras s
 own test split, mean weighted by test size), ``personalized_min``, ``personalized_p10``,
 ``personalized_loss``, ``accuracy`` and ``test_loss`` (the global model on the whole test set;
 absent for algorithms without one: ``local``, ``fedper``) and ``gate_local_weight`` (FedMS
-stage 2: the gate's mean weight on the local expert over all test examples).
+stage 2: the gate's mean weight on the local expert over all test examples). With budget tiers
+(``sal.budgets``) the cohort is drawn tier-major by ``budgets.ResourceModel``, ``bytes_*`` sum
+each tier's clients at its level ``min(k, b)``, and ``loss_b<b>`` is the loss of the tier of
+budget b.
 """
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +30,14 @@ import numpy as np
 from tqdm import tqdm
 
 from fedms_jax import perf, sal
+from fedms_jax.budgets import ResourceModel
 from fedms_jax.algorithms import Algorithm, Settings, make_algorithm
-from fedms_jax.builders import build_expert, client_optimizer
+from fedms_jax.builders import build_expert, client_optimizer, lr_scale, split_frozen
 from fedms_jax.checkpoint import Checkpointer, config_fingerprint
 from fedms_jax.config import Config, ConfigError, validate
 from fedms_jax.data import partition
 from fedms_jax.data.clients import ClientData, stack_clients
+from fedms_jax.data.features import FrozenStem, stem_tokens
 from fedms_jax.data.sources import DataError, Dataset, load_dataset, subsample
 from fedms_jax.federated import accounting
 from fedms_jax.federated.placement import make_placement
@@ -68,6 +74,14 @@ def make_run_mesh(config: Config):
             f"config.cohort_size = {config.cohort_size} (chunk {per_chunk}) must be a multiple of the "
             f"{mesh.shape['clients']} devices on the 'clients' axis (mesh {dict(mesh.shape)})"
         )
+    resources = ResourceModel.from_config(config)
+    if resources is not None and config.placement.backend == "vmap":  # each tier group is sharded
+        counts = resources.tiers.counts
+        if any(n % mesh.shape["clients"] for n in counts):
+            raise ConfigError(
+                f"config.sal.budget_shares = {resources.shares}: the tiers get {counts} clients per round; "
+                f"each must be a multiple of the {mesh.shape['clients']} devices on the 'clients' axis"
+            )
     return mesh
 
 
@@ -75,10 +89,15 @@ def make_run_mesh(config: Config):
 class Experiment:
     """Everything a run needs, built once from a validated config (no compilation happens).
 
-    train/test: the (subsampled) datasets; parts/test_parts: each client's example indices;
-    algorithm, engine: what runs; client_test: every client's padded test split;
-    test_images/labels: the whole test set. It holds no training state: rounds donate their
-    input states, so ``init_states()`` makes fresh ones for each use.
+    train/test: the (subsampled) datasets (uint8 images); parts/test_parts: each client's
+    example indices; algorithm, engine: what runs; client_test: every client's padded test
+    split; test_images/labels: the whole test set, as the model takes it. With
+    ``model.frozen_blocks = F > 0`` the model's inputs are the frozen stem's float32 tokens
+    [N, T, D] (in ``engine.data``, ``client_test`` and ``test_images``; ``stem`` computes them
+    from uint8 images) and the engine's backbone is the top L - F blocks;
+    backbone_params: the parameters of the whole backbone (all L blocks: what "trainable % of
+    the backbone" divides by). It holds no training state: rounds donate their input states,
+    so ``init_states()`` makes fresh ones for each use.
     """
 
     config: Config
@@ -91,10 +110,21 @@ class Experiment:
     client_test: ClientData
     test_images: jax.Array
     test_labels: jax.Array
+    backbone_params: int = 0
+    stem: FrozenStem | None = None
+    resources: ResourceModel | None = None  # budget tiers (``sal.budgets``); None: no budgets
 
     @property
     def settings(self) -> Settings:
         return self.algorithm.settings
+
+    def cohort(self, round_index: int) -> np.ndarray:
+        """Round ``round_index``'s cohort ids: uniform (``rounds.sample_cohort``), or with budgets
+        tier-major from the resource model (``budgets.ResourceModel.cohort``)."""
+        c = self.config
+        if self.resources is None:
+            return sample_cohort(c.seed, round_index, c.data.num_clients, c.cohort_size)
+        return self.resources.cohort(round_index)
 
     def init_states(self) -> tuple[ServerState, ClientStates]:
         """The initial (server, client) states from the run's init key, placed on the mesh."""
@@ -110,11 +140,13 @@ class Experiment:
         return out
 
 
-def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None = None) -> Experiment:
+def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None = None,
+          log: Callable[[str], None] | None = None) -> Experiment:
     """The ``Experiment`` of a config (validated here if it is not yet).
 
     ``datasets``: (train, test) to use instead of loading ``config.data.name`` (benchmarks pass
-    synthetic data at the model's resolution).
+    synthetic data at the model's resolution). ``log``: gets a line per featurized set when
+    ``model.frozen_blocks > 0`` (computed, or read from ``data.feature_cache``).
     """
     config = validate(config)
     if datasets is None:
@@ -136,11 +168,23 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         raise DataError(f"train images are {train.images.shape[1:]} but test images {test.images.shape[1:]}")
     seed_key = jax.random.key(config.seed)
     built = build_expert(config, train.class_names, jax.random.fold_in(seed_key, 0))
+    depth, frozen = built.expert.num_layers, config.model.frozen_blocks
+    if frozen >= depth:  # a pretrained backbone's depth is known only now
+        raise ConfigError(f"config.model.frozen_blocks = {frozen}: must be < the {depth} blocks of "
+                          f"model.pretrained={config.model.pretrained!r} (at least one block must be trainable)")
+    backbone_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(built.backbone))
+    stem = None
+    if frozen:  # the federated model is the top L - F blocks; blocks [0, F) run once per image
+        built, stem = split_frozen(built, frozen)
     expert = built.expert
     tuned = expert.tune_head
-    if config.sal.k0 > expert.num_layers:  # a pretrained backbone's depth is known only now
-        raise ConfigError(f"config.sal.k0 = {config.sal.k0}: must be <= the {expert.num_layers} blocks of "
-                          f"model.pretrained={config.model.pretrained!r}")
+    if config.sal.k0 > expert.num_layers:
+        of = f"the {depth} blocks" if not frozen else f"the {depth} - {frozen} = {expert.num_layers} blocks above model.frozen_blocks"
+        raise ConfigError(f"config.sal.k0 = {config.sal.k0}: must be <= {of} of model.pretrained={config.model.pretrained!r}")
+    resources = ResourceModel.from_config(config)
+    if resources is not None and max(resources.budgets) > expert.num_layers:
+        raise ConfigError(f"config.sal.budgets = {resources.budgets}: each must be <= the {expert.num_layers} "
+                          f"trainable blocks of model.pretrained={config.model.pretrained!r}")
     settings = Settings(
         expert=expert,
         stats=built.stats,
@@ -152,6 +196,8 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         init_head=built.head if tuned else None,
         frozen_head=None if tuned else built.head,
         cache_frozen=config.client.cache_frozen,
+        epochs=config.client.epochs,
+        lr_scale=lr_scale(config),
     )
     algorithm = make_algorithm(config, settings)
     if mesh is None:
@@ -165,21 +211,31 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
                               jnp.dtype(config.model.dtype).itemsize),
         mesh.devices.flat[0].platform,
     )
+    train_inputs, test_inputs = train.images, test.images
+    if stem is not None:
+        cache = config.data.feature_cache or None
+        train_inputs = stem_tokens(stem, train.images, cache, name="train images", log=log)
+        test_inputs = stem_tokens(stem, test.images, cache, name="test images", log=log)
     engine = Engine(
-        algorithm, built.backbone, stack_clients(train, parts), seed=config.seed,
+        algorithm, built.backbone, stack_clients(train, parts, train_inputs), seed=config.seed,
         placement=make_placement(config.placement.backend, mesh, chunk), strategy=config.mesh.strategy, eval_clients=config.eval_clients, eval_batch=config.eval_batch,
+        tiers=resources.tiers if resources is not None else None,
     )
     return Experiment(
         config=config, train=train, test=test, parts=parts, test_parts=test_parts, algorithm=algorithm,
-        engine=engine, client_test=jax.device_put(stack_clients(test, test_parts)),
-        test_images=jnp.asarray(test.images), test_labels=jnp.asarray(test.labels),
+        engine=engine, client_test=jax.device_put(stack_clients(test, test_parts, test_inputs)),
+        test_images=jnp.asarray(test_inputs), test_labels=jnp.asarray(test.labels),
+        backbone_params=backbone_params, stem=stem, resources=resources,
     )
 
 
 def personalized_metrics(per_client: dict[str, np.ndarray]) -> dict[str, float]:
     """Per-client evaluation sums -> the weighted mean accuracy and loss, the minimum and 10th
-    percentile of the clients' accuracies (clients with no test examples left out), and the mean
-    of every per-example extra (e.g. ``gate_local`` -> ``gate_local_weight``)."""
+    percentile of the clients' accuracies (clients with no test examples left out), the mean
+    of every per-example extra (e.g. ``gate_local`` -> ``gate_local_weight``, with
+    ``gate_local_std`` from ``gate_local_sq``), and for a mixture each expert's accuracy alone
+    (``personalized_accuracy_global``/``_local``) and the per-client margin of the mixture
+    over its best expert."""
     count = per_client["count"].astype(np.float64)
     has = count > 0
     acc = per_client["correct"][has] / count[has]
@@ -190,8 +246,20 @@ def personalized_metrics(per_client: dict[str, np.ndarray]) -> dict[str, float]:
         "personalized_loss": float(per_client["nll"].sum() / count.sum()),
     }
     for name, v in per_client.items():
-        if name not in ("count", "correct", "nll"):
-            out[f"{name}_weight"] = float(v.sum() / count.sum())
+        if name in ("count", "correct", "nll") or name.endswith("_sq"):
+            continue
+        if name.startswith("correct_"):  # one expert of a mixture alone
+            out[f"personalized_accuracy_{name[len('correct_'):]}"] = float(v.sum() / count.sum())
+            continue
+        mean = float(v.sum() / count.sum())
+        out[f"{name}_weight"] = mean
+        if f"{name}_sq" in per_client:  # its spread over the test examples
+            out[f"{name}_std"] = float(np.sqrt(max(per_client[f"{name}_sq"].sum() / count.sum() - mean**2, 0.0)))
+    experts = [per_client[n][has] / count[has] for n in per_client if n.startswith("correct_")]
+    if experts:  # per client: the mixture's accuracy minus its best expert's
+        margin = acc - np.max(experts, axis=0)
+        out["mixture_minus_best_expert"] = float(margin.mean())
+        out["clients_mixture_at_least_best"] = float((margin >= 0).mean())
     return out
 
 
@@ -344,6 +412,10 @@ def _keep_metrics_before(path: Path, start: int) -> None:
     os.replace(tmp, path)
 
 
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunResult:
     """metrics: the last metrics line; server/clients: the final states; experiment: ``build``'s."""
@@ -358,8 +430,10 @@ def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, star
     """Rounds ``start .. config.rounds - 1``: sample, run, evaluate when due, hand each round's
     record to the callbacks. -> (last record, server, clients)."""
     config, engine, algorithm = exp.config, exp.engine, exp.algorithm
-    # Bytes per client depend only on the phase (the trees' shapes): computed once per phase.
-    bytes_per_phase = {p: accounting.bytes_per_client(engine, server, clients, p) for p in algorithm.phases(config.rounds)}
+    # A round's bytes depend only on the phase (the trees' shapes; with budgets each tier's
+    # level): computed once per phase.
+    bytes_per_phase = {p: accounting.round_bytes(engine, server, clients, p, config.cohort_size)
+                       for p in algorithm.phases(config.rounds)}
     record: dict = {}
     with contextlib.ExitStack() as stack:  # every on_end runs, in reverse, even if one raises
         for cb in callbacks:
@@ -367,7 +441,7 @@ def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, star
             cb.on_start(exp, start)
         for t in range(start, config.rounds):
             phase = algorithm.phase(t)
-            cohort = sample_cohort(config.seed, t, config.data.num_clients, config.cohort_size)
+            cohort = exp.cohort(t)
             start_time = time.perf_counter()
             server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
             metrics = {name: float(v) for name, v in metrics.items()}  # host sync ends the timing
@@ -375,7 +449,7 @@ def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, star
             down, up = bytes_per_phase[phase]
             record = {
                 "round": t, "stage": phase.stage, "active_blocks": phase.num_active, "loss": metrics.pop("loss"),
-                "cohort": len(cohort), "bytes_up": up * len(cohort), "bytes_down": down * len(cohort),
+                "cohort": len(cohort), "bytes_up": up, "bytes_down": down,
                 "seconds": seconds, **metrics,
             }
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
@@ -397,7 +471,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True, mesh=None
     """
     config = validate(config)
     workdir = Path(workdir)
-    exp = build(config, mesh=mesh)
+    exp = build(config, mesh=mesh, log=_log_stderr if jax.process_index() == 0 else None)
     server, clients = exp.init_states()
     primary = jax.process_index() == 0
     ck = config.checkpoint

@@ -17,6 +17,7 @@ from fedms_jax.algorithms import ALGORITHMS, fedms
 from fedms_jax.config import FedMSConfig
 from fedms_jax.algorithms.fedms import GATE, mixture
 from fedms_jax.federated import types
+from fedms_jax.federated.client import Batch
 from fedms_jax.federated.types import Phase
 from fedms_jax.run import build
 
@@ -129,16 +130,17 @@ def test_forced_gate_gives_one_expert(mofm_setup, local_weight):
     np.testing.assert_array_equal(np.asarray(extras["gate_local"]), local_weight)
 
 
-@pytest.mark.parametrize("k, gate_input", [(1, "mean"), (2, "mean"), (1, "cls")])
+@pytest.mark.parametrize("k, gate_input", [(1, "mean"), (2, "mean"), (1, "cls"), (2, "global_feature")])
 def test_shared_trunk_equals_full_experts(mofm_setup, k, gate_input):
     """The MoFM forward runs the trunk once; each expert run on its own in full (and the gate on
-    the [CLS] of the full model's hidden states at the branch point) gives the same."""
+    the full model's hidden states at the branch point, or the global expert's pooled feature)
+    gives the same."""
     algo, server, state, backbone, images = mofm_setup
     options = FedMSConfig(gate_rank=4, gate_input=gate_input)
     algo = fedms(algo.settings, 0, options)
     phase = Phase(2, k)
     stage, params, ctx, feats = _client_view(algo, server, state, backbone, images, phase)
-    assert set(feats.frozen) == {"z_global"}  # the frozen global expert ran once, in featurize
+    assert set(feats.frozen) == {"z_global", "g_feature"}  # the frozen global expert ran once, in featurize
     log_p, z_g, z_l, w = mixture(algo.settings, options, params, ctx, backbone, feats, phase)
     down = stage.broadcast(server, phase)
     expert, L = algo.settings.expert, algo.settings.expert.num_layers
@@ -150,7 +152,11 @@ def test_shared_trunk_equals_full_experts(mofm_setup, k, gate_input):
     branch = expert.backbone.apply(
         {"params": backbone}, images, method=lambda m, x: m.encoder(m.embed(x), 0, L - k, use_lora=False)
     )
-    feature = branch[:, 0] if gate_input == "cls" else branch.mean(axis=1)
+    if gate_input == "global_feature":  # the global expert's pooled feature, run in full
+        feature = expert.backbone.apply(
+            {"params": backbone, "lora": sal_zero_below(server.trainable["lora"], k, L)}, images, L).features
+    else:
+        feature = branch[:, 0] if gate_input == "cls" else branch.mean(axis=1)
     w_ref = mofm.gate_weights(down[GATE], state["gate_head"], feature, options.gate_rank)
     np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), atol=1e-6)
     mixed = jnp.log(w_ref[:, :1] * jax.nn.softmax(z_g) + w_ref[:, 1:] * jax.nn.softmax(z_l))
@@ -187,7 +193,7 @@ def test_every_algorithm_runs_from_the_command_line(tmp_path, algorithm, capsys)
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["round"] for l in lines] == [0, 1]
     assert all(0.0 <= l["personalized_accuracy"] <= 1.0 and np.isfinite(l["loss"]) for l in lines)
-    assert ("accuracy" in lines[-1]) == (algorithm not in ("local", "fedper"))
+    assert ("accuracy" in lines[-1]) == (algorithm not in ("local", "fedper", "fedrep"))
     if algorithm == "local":
         assert all(l["bytes_up"] == 0 == l["bytes_down"] for l in lines)
     assert "done:" in capsys.readouterr().out
@@ -220,7 +226,8 @@ def test_fedper_keeps_heads_local_and_fedprox_pulls_toward_server():
     x = b.settings.prep(b.engine.data.images[0, :4])
     y = b.engine.data.labels[0, :4]
     _, ctx = stage.client_init(anchor, {}, phase)
-    prox, _ = stage.loss(params, ctx, backbone, stage.featurize(backbone, ctx, x, phase), y, None, phase)
+    batch = Batch(stage.featurize(backbone, ctx, x, phase), y, jnp.ones(y.shape, jnp.float32))
+    prox, _ = stage.loss(params, ctx, backbone, batch, None, phase)
     logits = b.settings.expert.logits(backbone, params, x, phase.num_active)
     plain = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     expected = 0.3 * 0.5 * np.sum((flat(params) - flat(anchor)) ** 2)

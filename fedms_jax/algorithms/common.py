@@ -10,7 +10,8 @@ program, with ``stage = algorithm.stage(phase)``::
     per client (placement backend):
       params, ctx = stage.client_init(down, state, phase) # what it trains / holds fixed
       feats       = stage.featurize(backbone, ctx, x, phase)      # frozen part -> Features
-      params'     = local steps of stage.loss(params, ctx, backbone, feats, y, rng, phase)
+      params'     = local steps of stage.loss(params, ctx, backbone, batch, rng, phase)
+                    (batch: a client.Batch of featurized examples, labels and mask)
       upload, state' = stage.client_final(down, state, params, params', phase)
     server' = stage.server_update(server, per-unit weighted mean of uploads, totals, phase)
 
@@ -34,7 +35,7 @@ import optax
 from fedms_jax import sal
 from fedms_jax.data.preprocess import preprocess
 from fedms_jax.federated import server as srv
-from fedms_jax.federated.client import featurize_branch
+from fedms_jax.federated.client import featurize_branch, init_opt_states, masked_mean
 from fedms_jax.federated.types import (
     ClientStates, Features, Phase, ServerState, active_units, replace_units, select, tree_where,
 )
@@ -48,8 +49,11 @@ class Settings:
     """The settings every algorithm takes.
 
     expert: the model; stats: (mean, std) for preprocessing; schedule: SAL schedule;
-    client_optimizer: local optimizer (fresh state every round); server_optimizer: applied per
-    unit to the pseudo-gradient ``-mean delta``; local_steps, batch_size: local work per round;
+    client_optimizer: local optimizer at its peak learning rate (fresh state every round, except
+    a stage's ``persistent`` entries); server_optimizer: applied per unit to the pseudo-gradient
+    ``-mean delta``; local_steps, batch_size, epochs: local work per round (``epochs > 0``: E
+    passes without replacement; else ``local_steps`` batches); lr_scale(step, steps): the
+    learning-rate schedule's factor at a segment's step (None: constant);
     init_head: initial head params (CLIP zero-shot embeddings) or None for a fresh head;
     frozen_head: the head when it is not trained (CLIP zero-shot, ``tune_head=False``);
     cache_frozen: featurize once per round when that is less work than every step.
@@ -65,6 +69,8 @@ class Settings:
     init_head: PyTree | None = None
     frozen_head: PyTree | None = None
     cache_frozen: bool = True
+    epochs: int = 0
+    lr_scale: Callable[[jax.Array, int], jax.Array] | None = None
 
     @property
     def use_rng(self) -> bool:
@@ -72,8 +78,12 @@ class Settings:
         return self.expert.lora.dropout > 0
 
     def prep(self, images: jax.Array) -> jax.Array:
-        """uint8 or float images [..., H0, W0, C0] -> the model's float input [..., H, W, C]."""
+        """uint8 or float images [..., H0, W0, C0] -> the model's float input [..., H, W, C];
+        a tokens-input expert (``model.frozen_blocks > 0``) takes the frozen stem's float
+        tokens [..., T, D], passed through unchanged."""
         s = self.expert.spec
+        if s.input == "tokens":
+            return images
         mean, std = self.stats
         return preprocess(images, s.image_size, mean, std, s.num_channels)
 
@@ -92,6 +102,13 @@ class Stage(NamedTuple):
     server_update: Callable[[ServerState, PyTree, PyTree, Phase], ServerState]
     predict: Callable[[PyTree, PyTree, PyTree, Features, Phase], tuple[jax.Array, dict]]
     global_predict: Callable[[PyTree, PyTree, Features, Phase], jax.Array] | None
+    # How the client trains (``federated.client``): the fraction of its examples held out of
+    # ``batch`` and served as ``batch.held``; consecutive segments of the round's steps as
+    # ((params entries trained, share of the steps), ...) (() = one segment training all); the
+    # params entries whose optimizer state persists in the client state (``state['opt']``).
+    holdout: float = 0.0
+    segments: tuple[tuple[tuple[str, ...], float], ...] = ()
+    persistent: tuple[str, ...] = ()
 
 
 class Algorithm(NamedTuple):
@@ -163,9 +180,10 @@ def expert_logits(settings: Settings, backbone: PyTree, trainable: PyTree, hidde
     )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy. logits [B, C] float, labels [B] int."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean softmax cross-entropy over the real examples. logits [B, C] float, labels [B] int,
+    mask [B] (1 = real example; None: all)."""
+    return masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels), mask)
 
 
 def expert_stage(settings: Settings, **overrides: Callable) -> Stage:
@@ -175,8 +193,9 @@ def expert_stage(settings: Settings, **overrides: Callable) -> Stage:
     def featurize(backbone, ctx, images, phase):
         return featurize_branch(settings.expert, backbone, images, phase)
 
-    def loss(params, ctx, backbone, feats, labels, rng, phase):
-        return cross_entropy(expert_logits(settings, backbone, params, feats.branch.hidden, phase, rng), labels), {}
+    def loss(params, ctx, backbone, batch, rng, phase):
+        logits = expert_logits(settings, backbone, params, batch.features.branch.hidden, phase, rng)
+        return cross_entropy(logits, batch.labels, batch.mask), {}
 
     def predict(params, ctx, backbone, feats, phase):
         return jax.nn.log_softmax(expert_logits(settings, backbone, params, feats.branch.hidden, phase)), {}
@@ -201,8 +220,16 @@ def expert_stage(settings: Settings, **overrides: Callable) -> Stage:
 
 
 # --- persistent local experts (two-stage methods) --------------------------------------------
+def opt_states(settings: Settings, **entries: PyTree) -> dict:
+    """One client's initial persistent optimizer states ({entry: {unit: state}}) for the full
+    trees of the params entries a stage keeps state for (e.g. ``local=expert``): the client
+    state's ``'opt'`` entry (``federated.client.OPT``)."""
+    return init_opt_states(settings.client_optimizer, entries)
+
+
 def local_expert_states(expert: PyTree, num_clients: int, **extra: PyTree) -> ClientStates:
-    """Every client's slot for a local expert (a copy of ``expert``, not ``ready`` yet)."""
+    """Every client's slot for a local expert (a copy of ``expert``, not ``ready`` yet) and the
+    ``extra`` per-client entries (one client's value each, copied to every client)."""
     local = {"ready": jnp.zeros((num_clients,), bool), "expert": stack(expert, num_clients)}
     local.update({name: stack(v, num_clients) for name, v in extra.items()})
     return fresh_clients(num_clients, local)

@@ -48,9 +48,9 @@ def fedavg_stage(settings: Settings, prox_mu: float = 0.0) -> Stage:
     if prox_mu == 0:
         return expert_stage(settings)
 
-    def loss(params, anchor, backbone, feats, labels, rng, phase):
-        logits = expert_logits(settings, backbone, params, feats.branch.hidden, phase, rng)
-        return cross_entropy(logits, labels) + prox_mu * prox_term(params, anchor), {}
+    def loss(params, anchor, backbone, batch, rng, phase):
+        logits = expert_logits(settings, backbone, params, batch.features.branch.hidden, phase, rng)
+        return cross_entropy(logits, batch.labels, batch.mask) + prox_mu * prox_term(params, anchor), {}
 
     return expert_stage(settings, client_init=lambda down, state, phase: (down, down), loss=loss)
 

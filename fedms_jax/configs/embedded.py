@@ -11,7 +11,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.algorithm = "fedms"  # fedms | fedavg_sal | fedavg | fedprox | fedper | local | finetune
+    c.algorithm = "fedms"  # fedms | fedavg_sal | fedavg | fedprox | fedper | fedrep | ditto | local | finetune
     c.rounds = 24  # all stages together
     c.stage1_rounds = 12  # two-stage algorithms (fedms, finetune): rounds of stage 1
     c.cohort_size = 8
@@ -24,13 +24,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.fedms.gate = "learned"  # learned | fixed (ablation: no gate network)
     c.fedms.local_weight = 0.5  # gate=fixed: the mixture's weight on the local expert
     c.fedms.gate_rank = 16  # gate adapter bottleneck d -> r -> d
-    c.fedms.gate_input = "mean"  # mean of the branch point's tokens | cls (its [CLS] vector)
+    # global_feature: the frozen global expert's pooled feature | mean | cls of the branch point
+    c.fedms.gate_input = "global_feature"
+    c.fedms.gate_holdout = 0.2  # examples held out of the local expert, for the gate only
     c.fedms.mixing = "probs"  # probs (mix softmaxes) | logits
-    c.fedms.aux_weight = 0.0  # + aux_weight * each trained expert's own cross-entropy
+    c.fedms.aux_weight = 0.0  # gate_holdout=0: + aux_weight * each expert's own cross-entropy
     c.fedms.train_global = False  # keep training the global expert (FedAvg) in stage 2
 
     c.fedprox = ml_collections.ConfigDict()
     c.fedprox.mu = 0.01
+    c.fedrep = ml_collections.ConfigDict()
+    c.fedrep.head_fraction = 0.5  # share of a round's local steps on the head (then the body)
+    c.ditto = ml_collections.ConfigDict()
+    c.ditto.lam = 0.1  # personal model's pull (lam / 2) ||v - w_global||^2
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # digits | synthetic | idx | folder | a TFDS name
@@ -43,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_size = 0  # data.name=folder: resize every image to this size (0: keep; all must match)
     c.data.train_examples = 0  # a stratified, seeded subset of the training split (0: all of it)
     c.data.test_examples = 0  # likewise for the test split (personalised and global evaluation)
+    # model.frozen_blocks > 0: a directory keeping the frozen stem's tokens of the train and test
+    # images, keyed by a hash of images, backbone and preprocessing ("": compute them every run)
+    c.data.feature_cache = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # hub id or local directory; "" = random ViT of the shape below
@@ -57,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head = "linear"  # linear | zero_shot (CLIP: class-prompt text embeddings)
     c.model.tune_head = False  # zero_shot only: train the text classifier too (linear always is)
     c.model.prompt = "a photo of a {}."  # zero_shot: the class prompt template
+    # F: blocks [0, F) frozen for every method and run once per image before training; the
+    # federated model (SAL levels, LoRA) is blocks [F, L)
+    c.model.frozen_blocks = 0
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8
@@ -69,9 +81,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.sal.k0 = 1
     c.sal.step = 1
     c.sal.every = 3
+    # Budget-aware SAL (fedms_jax/budgets.py): blocks per compute tier, e.g. (1, 2, 4) (empty: no
+    # budgets); a client of budget b trains the top min(k, b) blocks
+    c.sal.budgets = ()
+    c.sal.budget_shares = ()  # each tier's share of the clients, summing to 1 (empty: equal)
+    c.sal.budget_mode = "static"  # static: a client's tier is fixed | dynamic: drawn anew every round
 
     c.client = ml_collections.ConfigDict()
     c.client.local_steps = 10
+    c.client.epochs = 0  # > 0: E passes without replacement per round instead of local_steps
     c.client.batch_size = 32
     c.client.optimizer = "adamw"
     c.client.lr = 3e-3

@@ -4,15 +4,23 @@ Bytes and parameter counts come from abstract shapes (``jax.eval_shape``: no com
 come from XLA's cost analysis of the compiled client, which counts a ``scan`` body once: the
 client is the once-per-round work (``featurize`` over all examples, when the client caches it)
 plus one step, so its training FLOPs are ``once + local_steps * (compiled - once)``.
+
+With budget tiers (``fedms_jax.budgets``) a round's clients train at their tiers' levels
+``min(k, b)``: ``tier_phases`` lists (budget, phase of its clients, clients per round),
+``round_bytes`` sums a round's bytes over the tiers, ``tier_flops`` predicts each tier's FLOPs
+from the per-level client cost (clients x ``client_flops`` at the tier's level), and
+``group_flops`` measures what the round program actually runs for each group of tiers (the
+engine's ``train_group`` over the group's clients, compiled alone): the two must agree.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fedms_jax.federated.client import client_update, uses_cache
+from fedms_jax.federated.client import client_update, num_steps, uses_cache
+from fedms_jax.budgets import Group
 from fedms_jax.federated.types import ClientStates, Phase, ServerState, tree_bytes
 
 PyTree = Any
@@ -61,9 +69,76 @@ def client_flops(engine, server: ServerState, clients: ClientStates, phase: Phas
     total = _flops(jax.jit(client_update(stage, phase, settings)).lower(broadcast, one))
     once = 0.0
     if uses_cache(settings, one["images"].shape[0]):
-        def featurize(backbone, down, client):
-            _, ctx = stage.client_init(down, client["state"], phase)
-            return stage.featurize(backbone, ctx, settings.prep(client["images"]), phase)
+        once = _flops(jax.jit(_featurize(stage, settings, phase)).lower(*broadcast, one))
+    return once + num_steps(settings, one["images"].shape[0]) * (total - once)
 
-        once = _flops(jax.jit(featurize).lower(*broadcast, one))
-    return once + settings.local_steps * (total - once)
+
+def _featurize(stage, settings, phase: Phase):
+    """One client's once-per-round frozen work (what a caching client runs before its steps)."""
+    def featurize(backbone, down, client):
+        _, ctx = stage.client_init(down, client["state"], phase)
+        return stage.featurize(backbone, ctx, settings.prep(client["images"]), phase)
+
+    return featurize
+
+
+# --- budget tiers ---------------------------------------------------------------------------
+class Tier(NamedTuple):
+    """One tier of a round: its budget (None without budgets), the phase its clients train at
+    (``Phase(stage, min(k, budget))``) and its clients per round."""
+
+    budget: int | None
+    phase: Phase
+    clients: int
+
+
+def tier_phases(engine, phase: Phase, cohort_size: int) -> list[Tier]:
+    """The tiers of a round at ``phase`` (one tier of the whole cohort at k without budgets)."""
+    if engine.tiers is None:
+        return [Tier(None, phase, cohort_size)]
+    t = engine.tiers
+    return [Tier(b, Phase(phase.stage, level), n) for b, level, n in zip(t.budgets, t.levels(phase.num_active), t.counts)]
+
+
+def round_bytes(engine, server: ServerState, clients: ClientStates, phase: Phase, cohort_size: int) -> tuple[int, int]:
+    """(download, upload) bytes of a whole round at ``phase``: each tier's clients x one client's
+    bytes at the tier's level (``bytes_per_client``)."""
+    per = [(t.clients, bytes_per_client(engine, server, clients, t.phase)) for t in tier_phases(engine, phase, cohort_size)]
+    return sum(n * d for n, (d, _) in per), sum(n * u for n, (_, u) in per)
+
+
+def tier_flops(engine, server: ServerState, clients: ClientStates, phase: Phase, cohort_size: int,
+               per_level: dict[Phase, float] | None = None) -> list[float]:
+    """Predicted training FLOPs of each tier in a round at ``phase``: its clients x one client's
+    FLOPs at its level (``client_flops``, memoised per level in ``per_level`` if given)."""
+    per_level = {} if per_level is None else per_level
+    out = []
+    for t in tier_phases(engine, phase, cohort_size):
+        if t.phase not in per_level:
+            per_level[t.phase] = client_flops(engine, server, clients, t.phase)
+        out.append(t.clients * per_level[t.phase])
+    return out
+
+
+def group_flops(engine, server: ServerState, clients: ClientStates, phase: Phase, cohort_size: int) -> list[tuple[Group, float]]:
+    """Measured training FLOPs of each group of a round at ``phase`` (tiers of one level merged,
+    ``Engine.groups``): XLA's cost analysis of the engine's ``train_group`` -- the gather, the
+    broadcast at the group's level, the vmapped clients and the weighted sums, as the round program
+    runs them -- compiled alone over the group's clients (unchunked), with the scan correction
+    of ``client_flops``: ``once + steps * (compiled - once)``, ``once`` the group's frozen work."""
+    settings = engine.algorithm.settings
+    t = jnp.zeros((), jnp.int32)
+    out = []
+    for g in engine.groups(phase, cohort_size):
+        level = Phase(phase.stage, g.level)
+        ids = jnp.arange(g.size, dtype=jnp.int32)
+        body = lambda s, c, t, ids, b, d, level=level, n=g.size: engine.train_group(s, c, t, ids, b, d, level, chunk_size=n)
+        total = _flops(jax.jit(body).lower(server, clients, t, ids, engine.backbone, engine.data))
+        stage, down, one = _one_client(engine, server, clients, level)
+        once = 0.0
+        if uses_cache(settings, one["images"].shape[0]):
+            cohort = jax.eval_shape(lambda: engine.gather(engine.data, clients, ids, t))
+            many = jax.vmap(_featurize(stage, settings, level), in_axes=(None, None, 0))
+            once = _flops(jax.jit(many).lower(engine.backbone, down, cohort))
+        out.append((g, once + num_steps(settings, one["images"].shape[0]) * (total - once)))
+    return out

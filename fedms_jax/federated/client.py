@@ -2,20 +2,59 @@
 
 ``client_update(stage, phase, settings)`` is the function every placement backend maps over a
 cohort: ``(broadcast, client) -> ClientOutput``. It asks the stage for the local problem
-(``client_init``), trains its params on ``stage.loss`` over ``Features`` (from
+(``client_init``), trains its params on ``stage.loss`` over ``Batch``es of ``Features`` (from
 ``stage.featurize``), and asks the stage what to upload and keep (``client_final``).
+
+What a client's local training does, beyond the loss (all static per stage and settings):
+
+* **batches**: ``settings.epochs = E > 0`` makes E passes over the client's training examples
+  without replacement (a fresh permutation per epoch, padding never drawn, the last partial
+  batch masked); otherwise ``settings.local_steps`` batches drawn with replacement.
+* **a held-out slice** (``stage.holdout``): that fraction of each client's examples, a fixed
+  random subset per client (the same every round), never enters ``batch``; each step also
+  draws ``batch.held`` from it (FedMS's gate trains there).
+* **segments** (``stage.segments``): consecutive parts of the round's steps that each train
+  only some of the params' top-level entries (FedRep: the head, then the body).
+* **persistent optimizer state** (``stage.persistent``): the optimizer state of those top-level
+  entries lives in the client state (``state['opt'][entry][unit]``, one state per unit so an
+  SAL level change keeps the units' moments) instead of starting fresh every round.
+
+The client optimizer runs per unit (head, each block's LoRA, ...); the optimizers used here
+(SGD, momentum, AdamW) are per-leaf, so this is the same update as one state over the tree.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedms_jax.federated.types import ClientOutput, Features, Phase, split_units
+from fedms_jax.federated.types import ClientOutput, Features, Phase, join_units, split_units
 
 PyTree = Any
+HOLDOUT_STREAM = 0x484F4C44  # fold_in data for a client's held-out split ("HOLD")
+OPT = "opt"  # the client-state entry holding persistent optimizer states
+
+
+@flax.struct.dataclass
+class Batch:
+    """A batch a loss reads: ``features`` (leading axis B), ``labels`` [B] int, ``mask`` [B]
+    float32 (1 for a real example, 0 for padding), and ``held`` the held-out batch when the
+    stage asks for one (``stage.holdout > 0``), else None."""
+
+    features: Features
+    labels: jax.Array
+    mask: jax.Array
+    held: Any = None
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean of per-example ``values`` [B] over ``mask`` [B] (all of them when mask is None)."""
+    if mask is None:
+        return values.mean()
+    return jnp.sum(values * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
 def sample_indices(count: jax.Array, key: jax.Array, batch_size: int) -> jax.Array:
@@ -23,71 +62,215 @@ def sample_indices(count: jax.Array, key: jax.Array, batch_size: int) -> jax.Arr
     return jax.random.randint(key, (batch_size,), 0, jnp.maximum(count, 1))
 
 
-def caches_frozen(max_examples: int, local_steps: int, batch_size: int) -> bool:
+def random_order(key: jax.Array, count: jax.Array, size: int) -> jax.Array:
+    """A permutation [size] of ``[0, size)`` whose first ``count`` entries are a uniformly random
+    order of ``[0, count)`` (the real examples), padding positions after them."""
+    u = jax.random.uniform(key, (size,))
+    return jnp.argsort(jnp.where(jnp.arange(size) < count, u, 2.0)).astype(jnp.int32)
+
+
+def holdout_size(count: jax.Array, fraction: float) -> jax.Array:
+    """Held-out examples of a client with ``count`` examples: ``floor(fraction * count)``, at
+    least 1 when it has 2 or more examples, never all of them."""
+    if fraction == 0:
+        return jnp.zeros((), jnp.int32)
+    h = jnp.floor(fraction * count.astype(jnp.float32)).astype(jnp.int32)
+    return jnp.clip(h, jnp.minimum(1, count - 1), jnp.maximum(count - 1, 0))
+
+
+def num_steps(settings, max_examples: int) -> int:
+    """Local steps per round for clients padded to ``max_examples`` (static)."""
+    if settings.epochs:
+        return settings.epochs * -(-max_examples // settings.batch_size)
+    return settings.local_steps
+
+
+def caches_frozen(max_examples: int, steps: int, batch_size: int) -> bool:
     """Whether running the frozen part once over a client's ``max_examples`` padded examples is
     no more work than running it on every step's batch."""
-    return max_examples <= local_steps * batch_size
+    return max_examples <= steps * batch_size
 
 
 def uses_cache(settings, max_examples: int) -> bool:
     """Whether a client with ``max_examples`` padded examples featurizes once per round."""
-    return settings.cache_frozen and caches_frozen(max_examples, settings.local_steps, settings.batch_size)
+    return settings.cache_frozen and caches_frozen(max_examples, num_steps(settings, max_examples), settings.batch_size)
+
+
+def step_keys(key: jax.Array, i: jax.Array) -> jax.Array:
+    """Step i's two keys: [0] draws its batch, [1] is its dropout key."""
+    return jax.random.split(jax.random.fold_in(key, i))
+
+
+class Sampler:
+    """Which examples step ``i`` of a round reads, for one client (all static shapes).
+
+    ``order`` [max_n]: the client's examples in a fixed random order (seeded by its split key,
+    the same every round); the first ``held`` of them are its held-out slice, the next
+    ``count - held`` its training examples. Without a held-out slice the order is the identity,
+    so the default path draws exactly what it always did.
+    """
+
+    def __init__(self, settings, holdout: float, count: jax.Array, max_n: int, key: jax.Array, split_key: jax.Array):
+        self.b, self.epochs, self.max_n, self.key = settings.batch_size, settings.epochs, max_n, key
+        self.held = holdout_size(count, holdout)
+        self.train = count - self.held
+        self.has_held = holdout > 0
+        self.order = random_order(split_key, count, max_n) if self.has_held else None
+        self.per_epoch = -(-max_n // self.b)
+
+    def _pick(self, positions: jax.Array, offset: jax.Array) -> jax.Array:
+        return positions if self.order is None else self.order[offset + positions]
+
+    def batch(self, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Step i's training batch -> (indices [B], mask [B] float32)."""
+        k = step_keys(self.key, i)[0]
+        if not self.epochs:
+            return self._pick(sample_indices(self.train, k, self.b), self.held), jnp.ones((self.b,), jnp.float32)
+        epoch, j = i // self.per_epoch, i % self.per_epoch
+        perm = random_order(jax.random.fold_in(self.key, -1 - epoch), self.train, self.max_n)
+        pos = jax.lax.dynamic_slice(jnp.pad(perm, (0, self.per_epoch * self.b - self.max_n)), (j * self.b,), (self.b,))
+        mask = (j * self.b + jnp.arange(self.b)) < self.train
+        return self._pick(jnp.where(mask, pos, 0), self.held), mask.astype(jnp.float32)
+
+    def held_batch(self, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Step i's held-out batch (with replacement) -> (indices [B], mask [B]); mask 0 when the
+        client has no held-out example."""
+        k = jax.random.fold_in(jax.random.fold_in(self.key, HOLDOUT_STREAM), i)
+        idx = self.order[sample_indices(self.held, k, self.b)]
+        return idx, jnp.broadcast_to(self.held > 0, (self.b,)).astype(jnp.float32)
+
+
+def segment_steps(stage, steps: int) -> list[tuple[tuple[str, ...] | None, int]]:
+    """The round's ``steps`` split into the stage's segments: [(entries trained, steps)];
+    [(None, steps)] (everything) without segments. Every segment gets at least one step."""
+    if not stage.segments:
+        return [(None, steps)]
+    counts, left = [], steps
+    for n, (_, share) in enumerate(stage.segments):
+        last = n == len(stage.segments) - 1
+        c = left if last else max(1, min(left - (len(stage.segments) - 1 - n), round(share * steps)))
+        counts.append(c)
+        left -= c
+    return [(keys, c) for (keys, _), c in zip(stage.segments, counts)]
+
+
+def init_opt_states(optimizer: optax.GradientTransformation, params: PyTree, carried: PyTree | None = None) -> dict:
+    """{entry: {unit: optimizer state}} for ``params`` ({entry: tree}); units present in
+    ``carried`` (persistent states of the same form) take those."""
+    states = {e: {u: optimizer.init(p) for u, p in split_units(t).items()} for e, t in params.items()}
+    for e, units in (carried or {}).items():
+        if e in states:
+            states[e] = {u: units.get(u, s) for u, s in states[e].items()}
+    return states
 
 
 def local_train(
     stage, phase: Phase, settings, backbone: PyTree, params: PyTree, ctx: PyTree,
-    images: jax.Array, labels: jax.Array, count: jax.Array, key: jax.Array,
-) -> tuple[PyTree, jax.Array, dict]:
-    """``settings.local_steps`` optimizer steps on ``stage.loss`` -> (params, mean loss, mean aux).
+    client: dict, carried_opt: PyTree | None = None,
+) -> tuple[PyTree, dict, jax.Array, dict]:
+    """One round of local optimisation of ``stage.loss`` -> (params, opt states, mean loss, mean aux).
 
-    ``params`` is what the client differentiates and updates; ``ctx`` the loss's fixed inputs.
-    images uint8 [max_n, H, W, C], labels [max_n], count scalar: one client's padded data. Step s
-    samples its batch with ``fold_in(key, s)``. The optimizer state starts fresh each round and
-    covers only ``params``. When the client holds no more examples than its steps would process
-    (a static fact, see ``uses_cache``), ``stage.featurize`` runs once over all of them and each
-    step gathers its batch from the result; otherwise it runs on every step's batch.
+    ``params`` ({entry: tree}) is what the client differentiates and updates; ``ctx`` the loss's
+    fixed inputs. client: {'images' [max_n, ...], 'labels' [max_n], 'count', 'key',
+    'split_key'}. Step i draws its batch from ``fold_in(key, i)`` (see ``Sampler``). When the
+    client holds no more examples than its steps would process (static, ``uses_cache``),
+    ``stage.featurize`` runs once over all of them and each step gathers its batch from the
+    result; otherwise it runs on every step's batch. A step whose batch is all padding (epochs)
+    leaves params and optimizer state unchanged.
     """
     optimizer = settings.client_optimizer
-    prep = settings.prep
-    grad_fn = jax.value_and_grad(lambda p, f, y, r: stage.loss(p, ctx, backbone, f, y, r, phase), has_aux=True)
-    cached = uses_cache(settings, images.shape[0])
-    if cached:
-        frozen = stage.featurize(backbone, ctx, prep(images), phase)
+    images, labels = client["images"], client["labels"]
+    max_n = images.shape[0]
+    steps = num_steps(settings, max_n)
+    sampler = Sampler(settings, stage.holdout, client["count"], max_n, client["key"], client["split_key"])
+    if uses_cache(settings, max_n):
+        frozen = stage.featurize(backbone, ctx, settings.prep(images), phase)
+        feats_of = lambda idx: jax.tree_util.tree_map(lambda f: f[idx], frozen)
+    else:
+        feats_of = lambda idx: stage.featurize(backbone, ctx, settings.prep(images[idx]), phase)
 
-    def step(carry, i):
-        params, opt_state = carry
-        k_batch, k_drop = jax.random.split(jax.random.fold_in(key, i))
-        idx = sample_indices(count, k_batch, settings.batch_size)
-        if cached:
-            feats = jax.tree_util.tree_map(lambda f: f[idx], frozen)
-        else:
-            feats = stage.featurize(backbone, ctx, prep(images[idx]), phase)
-        (loss, aux), grads = grad_fn(params, feats, labels[idx], k_drop if settings.use_rng else None)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), (loss, aux)
+    def make_batch(i):
+        idx, mask = sampler.batch(i)
+        held = None
+        if sampler.has_held:
+            h_idx, h_mask = sampler.held_batch(i)
+            held = Batch(feats_of(h_idx), labels[h_idx], h_mask)
+        return Batch(feats_of(idx), labels[idx], mask, held)
 
-    (params, _), (losses, aux) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(settings.local_steps))
-    return params, losses.mean(), jax.tree_util.tree_map(jnp.mean, aux)
+    opt_states = init_opt_states(optimizer, params, carried_opt)
+    losses, auxes, reals, start = [], [], [], 0
+    for keys, count in segment_steps(stage, steps):
+        keys = tuple(params) if keys is None else keys
+        fixed = {e: v for e, v in params.items() if e not in keys}
+
+        def loss_fn(trained, batch, rng):
+            return stage.loss({**fixed, **trained}, ctx, backbone, batch, rng, phase)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def step(carry, i):
+            trained, opt = carry
+            batch = make_batch(i)
+            rng = step_keys(client["key"], i)[1] if settings.use_rng else None
+            (loss, aux), grads = grad_fn(trained, batch, rng)
+            scale = settings.lr_scale(i - start, count) if settings.lr_scale is not None else None
+            new_p, new_opt = {}, {}
+            for e in trained:
+                units_p, units_g = split_units(trained[e]), split_units(grads[e])
+                new_units, new_opt[e] = {}, {}
+                for u, p in units_p.items():
+                    upd, new_opt[e][u] = optimizer.update(units_g[u], opt[e][u], p)
+                    if scale is not None:
+                        upd = jax.tree_util.tree_map(lambda x: x * scale, upd)
+                    new_units[u] = optax.apply_updates(p, upd)
+                new_p[e] = _join_one(trained[e], new_units)
+            real = batch.mask.sum() > 0
+            if settings.epochs:  # an all-padding batch is no step at all
+                keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(real, a, b), new, old)
+                new_p, new_opt = keep(new_p, trained), keep(new_opt, opt)
+            return (new_p, new_opt), (loss, aux, real.astype(jnp.float32))
+
+        trained0 = {e: params[e] for e in keys}
+        opt0 = {e: opt_states[e] for e in keys}
+        (trained, opt), (loss, aux, real) = jax.lax.scan(step, (trained0, opt0), jnp.arange(start, start + count))
+        params = {**params, **trained}
+        opt_states = {**opt_states, **opt}
+        losses.append(loss)
+        auxes.append(aux)
+        reals.append(real)
+        start += count
+    # Means over the steps that read a real example (epochs: trailing all-padding steps don't count).
+    real = jnp.concatenate(reals)
+    mean = lambda xs: jnp.sum(jnp.concatenate(xs) * real) / jnp.maximum(real.sum(), 1.0)
+    aux = jax.tree_util.tree_map(lambda *xs: mean(xs), *auxes)
+    return params, opt_states, mean(losses), aux
+
+
+def _join_one(like: PyTree, units: dict) -> PyTree:
+    """Units back into the form of ``like`` (a trainable tree, or a module with plain units)."""
+    return join_units(units) if "lora" in like else units
 
 
 def client_update(stage, phase: Phase, settings) -> Callable[[PyTree, PyTree], ClientOutput]:
     """One client's round at ``phase``: ``(backbone, down), client -> ClientOutput``.
 
-    client: {'images', 'labels', 'count', 'key', 'state'} of one client. Every unit the client
-    uploads is weighted by its example count.
+    client: {'images', 'labels', 'count', 'key', 'split_key', 'state'} of one client. Every
+    unit the client uploads is weighted by its example count. Entries in ``stage.persistent``
+    keep their optimizer state in ``state['opt']``.
     """
 
     def update(broadcast, client):
         backbone, down = broadcast
-        params, ctx = stage.client_init(down, client["state"], phase)
-        new, loss, aux = local_train(
-            stage, phase, settings, backbone, params, ctx,
-            client["images"], client["labels"], client["count"], client["key"],
-        )
-        upload, state = stage.client_final(down, client["state"], params, new, phase)
+        state = client["state"]
+        params, ctx = stage.client_init(down, state, phase)
+        carried = state[OPT] if stage.persistent else None
+        new, opt, loss, aux = local_train(stage, phase, settings, backbone, params, ctx, client, carried)
+        upload, new_state = stage.client_final(down, state, params, new, phase)
+        if stage.persistent:
+            new_state = {**new_state, OPT: {e: {**state[OPT][e], **opt[e]} for e in stage.persistent}}
         upload = split_units(upload)
         count = client["count"].astype(jnp.float32)
-        return ClientOutput(upload, {name: count for name in upload}, state, {"loss": loss, **aux})
+        return ClientOutput(upload, {name: count for name in upload}, new_state, {"loss": loss, **aux})
 
     return update
 

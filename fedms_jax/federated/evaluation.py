@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from fedms_jax.federated.client import featurize_branch
-from fedms_jax.federated.types import Phase
+from fedms_jax.federated.types import EXPERTS, Phase
 
 PyTree = Any
 
@@ -44,7 +44,8 @@ def _correct(scores: jax.Array, labels: jax.Array) -> jax.Array:
 
 def personal_eval_fn(algorithm, phase: Phase, batch_size: int) -> Callable:
     """``((backbone, down), client) -> {'correct', 'nll', extras...}``, each summed over the
-    client's test examples; client = {'images', 'labels', 'count', 'state'}."""
+    client's test examples; client = {'images', 'labels', 'count', 'state'}. A prediction's
+    ``experts`` extra ({name: scores}) becomes ``correct_<name>`` (each expert alone)."""
     stage, settings = algorithm.stage(phase), algorithm.settings
 
     def evaluate(broadcast, client):
@@ -55,7 +56,9 @@ def personal_eval_fn(algorithm, phase: Phase, batch_size: int) -> Callable:
             feats = stage.featurize(backbone, ctx, settings.prep(x), phase)
             log_p, extras = stage.predict(params, ctx, backbone, feats, phase)
             nll = -jnp.take_along_axis(log_p, y[:, None], axis=-1)[:, 0]
-            return {"correct": _correct(log_p, y), "nll": nll, **extras}
+            experts = extras.pop(EXPERTS, {})
+            per_expert = {f"correct_{name}": _correct(scores, y) for name, scores in experts.items()}
+            return {"correct": _correct(log_p, y), "nll": nll, **per_expert, **extras}
 
         return batched_sums(fn, client["images"], client["labels"], client["count"], batch_size)
 

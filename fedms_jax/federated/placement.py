@@ -3,8 +3,9 @@
 A backend has two operations, used by training and evaluation alike:
 
   * ``map_reduce(fn, broadcast, per_client)``: ``fn(broadcast, client) -> ClientOutput`` for
-    every client; returns the per-unit weighted mean of the uploads, the per-unit total weights,
-    and every client's new state and metrics (stacked);
+    every client; returns the per-unit weighted mean of the uploads (or, ``mean=False``, the
+    weighted sum: budget-aware rounds add the sums of several client groups), the per-unit total
+    weights, and every client's new state and metrics (stacked);
   * ``map(fn, broadcast, per_client)``: ``fn(broadcast, client) -> pytree`` for every client,
     stacked (evaluation).
 
@@ -92,17 +93,20 @@ class Vmap:
                 f"the '{CLIENTS}' mesh axis"
             )
 
-    def map_reduce(self, fn: ClientFn, broadcast: PyTree, per_client: PyTree):
+    def map_reduce(self, fn: ClientFn, broadcast: PyTree, per_client: PyTree, *,
+                   chunk_size: int | None = None, mean: bool = True):
         """per_client leaves [m, ...] -> (mean upload {unit: ..}, totals {unit: []}, states [m, ..],
-        metrics [m, ..])."""
+        metrics [m, ..]). ``chunk_size`` overrides the backend's; ``mean=False`` returns the
+        weighted sum of the uploads instead of their mean."""
         m = num_clients_of(per_client)
-        chunk = self.chunk_size or m
+        chunk = chunk_size or self.chunk_size or m
         self._check_chunk(chunk, m)
         vmapped = self._vmapped(fn)
+        reduce = weighted_mean if mean else (lambda summed, totals: summed)
         if chunk == m:
             out = vmapped(broadcast, per_client)
             totals = jax.tree_util.tree_map(jnp.sum, out.weight)
-            return weighted_mean(weighted_sum(out.upload, out.weight), totals), totals, out.state, out.metrics
+            return reduce(weighted_sum(out.upload, out.weight), totals), totals, out.state, out.metrics
         n = m // chunk
         chunks = jax.tree_util.tree_map(lambda x: x.reshape((n, chunk) + x.shape[1:]), per_client)
         shape = jax.eval_shape(vmapped, broadcast, jax.tree_util.tree_map(lambda x: x[0], chunks))
@@ -120,7 +124,7 @@ class Vmap:
         # and forcing P('clients') on it would move every client's new state between devices.
         unchunk = lambda x: x.reshape((m,) + x.shape[2:])
         states, metrics = jax.tree_util.tree_map(unchunk, (states, metrics))
-        return weighted_mean(summed, totals), totals, states, metrics
+        return reduce(summed, totals), totals, states, metrics
 
     def map(self, fn: Callable, broadcast: PyTree, per_client: PyTree, *, chunk_size: int | None = None) -> PyTree:
         """fn over every client, ``chunk_size`` clients at a time (rounded up to the devices;
@@ -160,7 +164,8 @@ class Sequential:
         f = self._jitted(fn)
         return [f(broadcast, jax.tree_util.tree_map(lambda x: x[i], per_client)) for i in range(num_clients_of(per_client))]
 
-    def map_reduce(self, fn: ClientFn, broadcast: PyTree, per_client: PyTree):
+    def map_reduce(self, fn: ClientFn, broadcast: PyTree, per_client: PyTree, *,
+                   chunk_size: int | None = None, mean: bool = True):
         outs = self._each(fn, broadcast, per_client)
         stack = lambda *xs: jnp.stack(xs)
         weights = jax.tree_util.tree_map(lambda *ws: jnp.stack(ws).astype(jnp.float32), *[o.weight for o in outs])
@@ -168,7 +173,8 @@ class Sequential:
         totals = jax.tree_util.tree_map(jnp.sum, weights)
         states = jax.tree_util.tree_map(stack, *[o.state for o in outs])
         metrics = jax.tree_util.tree_map(stack, *[o.metrics for o in outs])
-        return weighted_mean(weighted_sum(uploads, weights), totals), totals, states, metrics
+        summed = weighted_sum(uploads, weights)
+        return (weighted_mean(summed, totals) if mean else summed), totals, states, metrics
 
     def map(self, fn: Callable, broadcast: PyTree, per_client: PyTree, *, chunk_size: int | None = None) -> PyTree:
         return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *self._each(fn, broadcast, per_client))

@@ -9,6 +9,15 @@ A round is ``(server state, client states, round index, cohort ids) -> (new stat
    totals, new client states, metrics (``federated.client``, ``federated.placement``);
 4. ``stage.server_update`` (``federated.server``), scatter the states back.
 
+With budget tiers (``sal.budgets``, ``fedms_jax.budgets``; the engine's ``tiers``) the cohort
+comes tier-major and steps 1-3 run once per *group* of tiers with the same SAL level
+``min(k, b)`` (``Engine.groups``): each group is gathered, sent the units of its level
+(``stage.broadcast`` at ``Phase(stage, level)``) and mapped with that level's client function;
+the groups' per-unit weighted sums and total weights are added, so each unit is averaged over
+the clients that trained it, and one ``server_update`` runs at the round's phase. The tier
+structure is static, so this is still one program per phase, holding one client body per
+distinct level of the phase (a handful), and no Python loop over clients.
+
 With the ``Vmap`` backend that is one ``jax.jit`` program per distinct ``Phase`` (the only
 static argument; the round index is traced), cached on the engine, so a run compiles once per
 phase and never per round. The backbone and the data are arguments, never closed-over
@@ -25,10 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedms_jax.budgets import Group, Tiers, uniform_cohort
 from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import evaluation, sharding
-from fedms_jax.federated.client import client_update
+from fedms_jax.federated.client import HOLDOUT_STREAM, client_update
 from fedms_jax.federated.placement import Placement, replicated
+from fedms_jax.federated.server import weighted_mean
 from fedms_jax.federated.types import ClientOutput, ClientStates, Phase, ServerState, tree_where
 
 PyTree = Any
@@ -36,11 +47,9 @@ EXCLUDED = "excluded"
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
-    """Uniform without replacement, seeded by (seed, round): a resumed run draws the same."""
-    if not 1 <= cohort_size <= num_clients:
-        raise ValueError(f"cohort_size must be in [1, {num_clients}], got {cohort_size}")
-    rng = np.random.default_rng([seed, round_index])
-    return np.sort(rng.choice(num_clients, cohort_size, replace=False)).astype(np.int32)
+    """Uniform without replacement, seeded by (seed, round): a resumed run draws the same.
+    (With budgets the cohort comes from ``budgets.ResourceModel.cohort``, tier-major.)"""
+    return uniform_cohort(seed, round_index, num_clients, cohort_size)
 
 
 def client_keys(seed_key: jax.Array, round_index: jax.Array, cohort_ids: jax.Array) -> jax.Array:
@@ -87,11 +96,15 @@ class Engine:
       strategy: how the backbone is laid out over the 'model' axis (``sharding.RULES``).
       eval_clients: clients evaluated at once (vmapped) in personalised evaluation.
       eval_batch: examples per evaluation batch inside a client (and per global-test batch).
+      tiers: budget tiers (``budgets.Tiers``): every cohort is then tier-major with
+        ``tiers.counts`` clients per tier, and a tier of budget b trains at level min(k, b).
+        None: every client trains at k.
     """
 
     def __init__(
         self, algorithm, backbone: PyTree, data: ClientData, *, seed: int, placement: Placement,
         strategy: str = "replicated", eval_clients: int = 8, eval_batch: int = 256,
+        tiers: Tiers | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.placement = placement
@@ -104,6 +117,7 @@ class Engine:
         self.seed_key = jax.random.key(seed)
         self.eval_clients = eval_clients
         self.eval_batch = eval_batch
+        self.tiers = tiers
         self.num_traces = 0  # how many round programs were traced (= compiled)
         self._programs: dict[tuple, Callable] = {}  # (kind, phase, ...) -> program or client fn
 
@@ -122,6 +136,33 @@ class Engine:
         """The phases whose round program was jitted (none for the sequential backend)."""
         return [key[1] for key in self._programs if key[0] == "round"] if self.placement.jitted else []
 
+    @property
+    def client_phases(self) -> list[Phase]:
+        """The phases (stage, level) whose client function was made: the distinct client programs
+        (inlined into the round programs for ``Vmap``; jitted one each for ``Sequential``)."""
+        return [key[1] for key in self._programs if key[0] == "client"]
+
+    def groups(self, phase: Phase, cohort_size: int) -> tuple[Group, ...]:
+        """The round's client groups at ``phase``: cohort slices trained at one SAL level each
+        (budget tiers with equal ``min(k, b)`` merged), or the whole cohort at k without tiers."""
+        if self.tiers is None:
+            return (Group(phase.num_active, 0, cohort_size, ()),)
+        if cohort_size != self.tiers.cohort_size:
+            raise ValueError(f"a cohort of {cohort_size} clients, but the budget tiers take {self.tiers.counts} "
+                             f"= {self.tiers.cohort_size} clients per round, tier by tier")
+        return self.tiers.groups(phase.num_active)
+
+    def group_chunk(self, size: int) -> int:
+        """Clients per vmapped chunk for a group of ``size``: the largest divisor of ``size`` not
+        above the backend's chunk (whole cohort: ``size``) that is a multiple of its devices."""
+        d = self.placement.num_devices
+        target = min(getattr(self.placement, "chunk_size", None) or size, size)
+        fits = [c for c in range(d, target + 1, d) if size % c == 0]
+        if not fits:
+            raise ValueError(f"a budget tier group of {size} clients cannot be split over the {d} devices of the "
+                             f"'clients' mesh axis: clients per tier per round must be multiples of {d}")
+        return max(fits)
+
     # --- training ---------------------------------------------------------------------------
     def client_fn(self, phase: Phase) -> Callable:
         """The guarded ``client_update`` of the phase's stage (one per phase, per engine)."""
@@ -129,7 +170,7 @@ class Engine:
             client_update(self.algorithm.stage(phase), phase, self.algorithm.settings)))
 
     def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array) -> PyTree:
-        """One round's per-client inputs [cohort, ...]: id, images, labels, count, key, state."""
+        """One round's per-client inputs [cohort, ...]: id, images, labels, count, key, split_key, state."""
         take = lambda x: x[cohort_ids]
         return {
             "id": cohort_ids,
@@ -137,14 +178,57 @@ class Engine:
             "labels": take(data.labels),
             "count": take(data.counts),
             "key": client_keys(self.seed_key, round_index, cohort_ids),
+            # The same every round: a client's held-out split (``client.Sampler``) never moves.
+            "split_key": client_keys(self.seed_key, HOLDOUT_STREAM, cohort_ids),
             "state": jax.tree_util.tree_map(take, clients.local),
         }
+
+    def train_group(self, server, clients, round_index, ids, backbone, data, phase: Phase, *, chunk_size=None):
+        """One group of a budget-aware round: the clients ``ids`` trained at ``phase`` (the
+        group's level) -> (summed uploads, totals, new states, metrics, example counts)."""
+        stage = self.algorithm.stage(phase)
+        cohort = self.gather(data, clients, ids, round_index)
+        broadcast = (backbone, stage.broadcast(server, phase))
+        summed, totals, states, metrics = self.placement.map_reduce(
+            self.client_fn(phase), broadcast, cohort, chunk_size=chunk_size or self.group_chunk(ids.shape[0]), mean=False)
+        return summed, totals, states, metrics, cohort["count"]
+
+    def _tiered_round(self, stage, server, clients, round_index, cohort_ids, backbone, data, phase):
+        """A round over a tier-major cohort: one ``train_group`` per level, the groups' sums and
+        totals added unit by unit (a unit only some groups trained is averaged over those)."""
+        summed, totals, local = {}, {}, clients.local
+        add = lambda acc, part: {**acc, **{u: v if u not in acc else jax.tree_util.tree_map(jnp.add, acc[u], v)
+                                           for u, v in part.items()}}
+        metrics, counts = [], []
+        for g in self.groups(phase, cohort_ids.shape[0]):
+            ids = cohort_ids[g.start:g.start + g.size]
+            s, t, states, m, n = self.train_group(server, clients, round_index, ids, backbone, data, Phase(phase.stage, g.level))
+            summed, totals = add(summed, s), add(totals, t)
+            local = jax.tree_util.tree_map(lambda all_, new, ids=ids: all_.at[ids].set(new), local, states)
+            metrics.append(m)
+            counts.append(n)
+        server = stage.server_update(server, weighted_mean(summed, totals), totals, phase)
+        metrics = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *metrics)
+        excluded = metrics.pop(EXCLUDED)
+        clients = ClientStates(
+            participation=clients.participation.at[cohort_ids].add(1 - excluded.astype(jnp.int32)),
+            local=local,
+        )
+        weights = jnp.concatenate(counts).astype(jnp.float32) * (1.0 - excluded)
+        mean_of = lambda v, w: jnp.sum(v * w) / jnp.maximum(w.sum(), 1.0)
+        out = {name: mean_of(v, weights) for name, v in metrics.items()}
+        out["excluded_clients"] = excluded.sum()
+        for b, start, n in zip(self.tiers.budgets, self.tiers.starts, self.tiers.counts):  # per tier
+            out[f"loss_b{b}"] = mean_of(metrics["loss"][start:start + n], weights[start:start + n])
+        return server, clients, out
 
     def _round(self, server, clients, round_index, cohort_ids, backbone, data, *, phase):
         stage = self.algorithm.stage(phase)
         if self.placement.jitted:
             self.num_traces += 1
             backbone = sharding.constrain(backbone, self.mesh, self.strategy)
+        if self.tiers is not None:
+            return self._tiered_round(stage, server, clients, round_index, cohort_ids, backbone, data, phase)
         cohort = self.gather(data, clients, cohort_ids, round_index)
         broadcast = (backbone, stage.broadcast(server, phase))
         mean, totals, states, metrics = self.placement.map_reduce(self.client_fn(phase), broadcast, cohort)
@@ -168,7 +252,8 @@ class Engine:
     def run_round(
         self, server: ServerState, clients: ClientStates, round_index: int, phase: Phase, cohort_ids: np.ndarray
     ) -> tuple[ServerState, ClientStates, dict]:
-        """One round at ``phase`` (``algorithm.phase(round_index)``) over ``cohort_ids``."""
+        """One round at ``phase`` (``algorithm.phase(round_index)``) over ``cohort_ids`` (with
+        budget tiers: tier-major, as ``budgets.ResourceModel.cohort`` draws it)."""
         ids = jnp.asarray(cohort_ids, jnp.int32)
         t = jnp.asarray(round_index, jnp.int32)
         return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data)

@@ -24,6 +24,9 @@ from fedms_jax.models.vision import Branch
 
 PyTree = Any
 HEAD = "head"
+# A prediction's extra output {expert name: scores [B, C]}: evaluation also reports each
+# expert's accuracy alone (``correct_<name>``), e.g. FedMS's global and local experts.
+EXPERTS = "experts"
 
 
 @dataclasses.dataclass(frozen=True, order=True)

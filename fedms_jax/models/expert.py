@@ -6,6 +6,11 @@ Trees:
   * ``trainable = {'lora': ..., 'head': ...}``: what a client trains and the server aggregates.
     ``trainable['lora']`` may hold all blocks or only the active ones (see ``fedms_jax.sal``).
   * a frozen head (CLIP zero-shot head when not tuned) lives in ``frozen_head``.
+
+With ``model.frozen_blocks = F`` the expert is the *top* of a split backbone
+(``VisionSpec.split``): its spec has ``input='tokens'`` and L - F blocks, its inputs are the
+frozen stem's tokens [B, T, D] wherever this module says images, and its LoRA units
+``blocks_0 .. blocks_{L-F-1}`` are the full network's blocks ``F .. L-1``.
 """
 from __future__ import annotations
 
@@ -67,7 +72,10 @@ class Expert:
         return self.spec.num_layers
 
     def _dummy_images(self) -> jax.Array:
+        """A batch of one input: an image [1, H, W, C], or tokens [1, T, D] for a tokens spec."""
         s = self.spec
+        if s.input == "tokens":
+            return jnp.zeros((1, s.num_tokens, s.encoder.hidden_size), jnp.float32)
         return jnp.zeros((1, s.image_size, s.image_size, s.num_channels), jnp.float32)
 
     def init_backbone(self, rng: jax.Array) -> PyTree:
@@ -91,7 +99,8 @@ class Expert:
         return {"lora": self.init_lora(r_lora), "head": head if self.tune_head else {}}
 
     def trunk(self, backbone: PyTree, images: jax.Array, num_active: int) -> Branch:
-        """images [B, H, W, C] -> branch point (hidden [B, T, D], cls [B, D]); no gradient."""
+        """images [B, H, W, C] (tokens [B, T, D] for a tokens-input spec) -> branch point
+        (hidden [B, T, D], cls [B, D]); no gradient."""
         return self.backbone.apply({"params": backbone}, images, num_active, method=VisionTransformer.trunk)
 
     def features(
@@ -141,8 +150,9 @@ class Expert:
         frozen_head: PyTree | None = None,
         rng: jax.Array | None = None,
     ) -> jax.Array:
-        """The SAL forward: images [B, H, W, C] float -> logits [B, C]."""
-        chex.assert_rank(images, 4)
+        """The SAL forward: images [B, H, W, C] float (tokens [B, T, D] for a tokens-input
+        spec) -> logits [B, C]."""
+        chex.assert_rank(images, 3 if self.spec.input == "tokens" else 4)
         branch = self.trunk(backbone, images, num_active)
         return self.logits_from_branch(
             backbone, trainable, branch.hidden, num_active, frozen_head=frozen_head, rng=rng

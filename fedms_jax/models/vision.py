@@ -12,6 +12,13 @@ LoRA, and the gradient stops at their output (``stop_gradient``), so backprop ne
 the compute saved is real, not masked. The top k blocks run with LoRA. The hidden states entering
 the lowest active block are the *branch point*: the MoFM runs the trunk once and the top blocks
 once per expert from there, and its gate reads the branch point's class token.
+
+Frozen bottom blocks (``model.frozen_blocks = F``): ``VisionSpec.split(F)`` cuts an L-block
+network into a *stem* (embeddings + blocks ``[0, F)``, input images [B, H, W, C]) and a *top*
+(blocks ``[F, L)`` renumbered ``0 .. L-F-1`` + the final norm / pooling, ``input='tokens'``: its
+input is the stem's output [B, T, D] and its ``embed`` is the identity); ``split_params`` cuts
+the parameter tree the same way. ``top(stem(x))`` is the full network, at every SAL level
+k <= L - F, so the stem's output can be computed once per image and cached.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from fedms_jax.models.transformer import Encoder, EncoderSpec, check_num_active
 
 Flavor = Literal["vit", "clip", "dinov2"]
 FLAVORS: tuple[str, ...] = ("vit", "clip", "dinov2")
+INPUTS: tuple[str, ...] = ("images", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +49,10 @@ class VisionSpec:
         (HF Dinov2Model; the encoder must have ``layer_scale``).
       pooler: ViT only: whether the tanh pooler exists.
       projection_dim: CLIP only: width of the image embedding.
+      input: 'images' (normalised pixels [B, H, W, C]; the module owns the embeddings), or
+        'tokens' (the token states [B, T, D] a frozen stem computed from such images: the
+        module has no embedding parameters and ``embed`` is the identity; image_size and
+        patch_size still give T). ``split`` makes such a spec.
     """
 
     encoder: EncoderSpec
@@ -50,8 +62,11 @@ class VisionSpec:
     flavor: Flavor = "vit"
     pooler: bool = False
     projection_dim: int | None = None
+    input: Literal["images", "tokens"] = "images"
 
     def __post_init__(self) -> None:
+        if self.input not in INPUTS:
+            raise ValueError(f"input must be one of {list(INPUTS)}, got {self.input!r}")
         if self.flavor not in FLAVORS:
             raise ValueError(f"flavor must be one of {list(FLAVORS)}, got {self.flavor!r}")
         if (self.flavor == "dinov2") != self.encoder.layer_scale:
@@ -75,6 +90,29 @@ class VisionSpec:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """T: the patches and the class token."""
+        return self.num_patches + 1
+
+    def split(self, frozen_blocks: int) -> tuple["VisionSpec", "VisionSpec"]:
+        """(stem, top) of this images-input network at block ``F = frozen_blocks``, 0 < F < L.
+
+        stem: embeddings + blocks ``[0, F)``, images in, tokens [B, T, D] out (run it with
+        ``VisionTransformer.hidden_states``: no final norm, no LoRA). top: blocks ``[F, L)``
+        (renumbered from 0) + final norm / pooling / projection, ``input='tokens'``.
+        """
+        if self.input != "images":
+            raise ValueError("only an images-input spec can be split")
+        L = self.num_layers
+        if isinstance(frozen_blocks, bool) or not isinstance(frozen_blocks, int) or not 0 < frozen_blocks < L:
+            raise ValueError(f"frozen_blocks must be an integer in [1, {L - 1}], got {frozen_blocks!r}")
+        stem = dataclasses.replace(self, encoder=dataclasses.replace(self.encoder, num_layers=frozen_blocks))
+        top = dataclasses.replace(
+            self, encoder=dataclasses.replace(self.encoder, num_layers=L - frozen_blocks), input="tokens"
+        )
+        return stem, top
 
     @property
     def feature_dim(self) -> int:
@@ -144,6 +182,25 @@ class VisionSpec:
         )
 
 
+_EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "pre_ln")
+
+
+def split_params(params: Any, frozen_blocks: int) -> tuple[dict, dict]:
+    """A backbone's ``'params'`` cut as ``VisionSpec.split(frozen_blocks)`` cuts its spec:
+    (stem: the embeddings + ``encoder/blocks_0 .. blocks_{F-1}``; top: ``encoder/blocks_F ..
+    blocks_{L-1}`` renamed ``blocks_0 .. blocks_{L-F-1}`` + everything after the encoder (final
+    norm, pooler, projection)). The leaves are shared, not copied."""
+    blocks = params["encoder"]
+    L = len(blocks)
+    if not 0 < frozen_blocks < L:
+        raise ValueError(f"frozen_blocks must be in [1, {L - 1}], got {frozen_blocks!r}")
+    stem = {k: v for k, v in params.items() if k in _EMBEDDINGS}
+    stem["encoder"] = {f"blocks_{i}": blocks[f"blocks_{i}"] for i in range(frozen_blocks)}
+    top = {k: v for k, v in params.items() if k not in _EMBEDDINGS and k != "encoder"}
+    top["encoder"] = {f"blocks_{i - frozen_blocks}": blocks[f"blocks_{i}"] for i in range(frozen_blocks, L)}
+    return stem, top
+
+
 @flax.struct.dataclass
 class Branch:
     """The hidden states entering the lowest active block.
@@ -181,6 +238,17 @@ def check_images(images: Any, spec: VisionSpec) -> None:
         )
 
 
+def check_tokens(tokens: Any, spec: VisionSpec) -> None:
+    """Raises ValueError unless tokens is a float array [B, T, D] of the spec's shape."""
+    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+        raise ValueError(f"tokens must be an array, got {type(tokens).__name__}")
+    want = (spec.num_tokens, spec.encoder.hidden_size)
+    if tokens.ndim != 3 or tuple(tokens.shape[1:]) != want:
+        raise ValueError(f"tokens must have shape [batch, {want[0]}, {want[1]}], got {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.floating):
+        raise ValueError(f"tokens must be floating point, got dtype {tokens.dtype}")
+
+
 class VisionTransformer(nn.Module):
     """ViT / CLIP vision tower. Parameters float32; ``dtype`` is the computation dtype."""
 
@@ -192,16 +260,18 @@ class VisionTransformer(nn.Module):
         spec, d = self.spec, self.spec.encoder.hidden_size
         eps = spec.encoder.layer_norm_eps
         p = spec.patch_size
-        self.patch_embed = nn.Conv(
-            d, (p, p), strides=(p, p), padding="VALID", use_bias=spec.flavor != "clip",
-            dtype=self.dtype,
-        )
-        self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (d,))
-        self.pos_embed = self.param(
-            "pos_embed", nn.initializers.normal(0.02), (spec.num_patches + 1, d)
-        )
+        if spec.input == "images":  # a tokens-input module (a split's top) has no embeddings
+            self.patch_embed = nn.Conv(
+                d, (p, p), strides=(p, p), padding="VALID", use_bias=spec.flavor != "clip",
+                dtype=self.dtype,
+            )
+            self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (d,))
+            self.pos_embed = self.param(
+                "pos_embed", nn.initializers.normal(0.02), (spec.num_patches + 1, d)
+            )
+            if spec.flavor == "clip":
+                self.pre_ln = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
         if spec.flavor == "clip":
-            self.pre_ln = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
             self.projection = nn.Dense(spec.projection_dim, use_bias=False, dtype=self.dtype)
         elif spec.pooler:
             self.pooler = nn.Dense(d, dtype=self.dtype)
@@ -213,7 +283,12 @@ class VisionTransformer(nn.Module):
         return self.spec.num_layers
 
     def embed(self, images: jax.Array) -> jax.Array:
-        """images [B, H, W, C] (normalised floats) -> token states [B, T, D] entering block 0."""
+        """images [B, H, W, C] (normalised floats) -> token states [B, T, D] entering block 0.
+
+        A tokens-input spec: tokens [B, T, D] float -> the same tokens (in ``dtype``)."""
+        if self.spec.input == "tokens":
+            check_tokens(images, self.spec)
+            return images.astype(self.dtype)
         check_images(images, self.spec)
         x = self.patch_embed(images.astype(self.dtype))
         b = x.shape[0]
@@ -240,7 +315,9 @@ class VisionTransformer(nn.Module):
         return jnp.tanh(self.pooler(self.final_ln(hidden[:, 0])))
 
     def trunk(self, images: jax.Array, num_active: int) -> Branch:
-        """Embeddings plus the frozen lower ``L - k`` blocks; no gradient flows back through them."""
+        """Embeddings plus the frozen lower ``L - k`` blocks; no gradient flows back through them.
+
+        images [B, H, W, C] (or, for a tokens-input spec, tokens [B, T, D]) -> Branch."""
         k = check_num_active(num_active, self.num_layers)
         h = self.encoder(self.embed(images), 0, self.num_layers - k, use_lora=False)
         h = jax.lax.stop_gradient(h)
@@ -254,7 +331,8 @@ class VisionTransformer(nn.Module):
         return self.pool(h)
 
     def hidden_states(self, images: jax.Array) -> jax.Array:
-        """All blocks without LoRA -> final token states [B, T, D] (before the final LN)."""
+        """All blocks without LoRA -> final token states [B, T, D] (before the final LN); for a
+        split's stem, images [B, H, W, C] -> the tokens [B, T, D] its top takes."""
         return self.encoder(self.embed(images), use_lora=False)
 
     def init_all(self, images: jax.Array) -> VisionOutput:

@@ -1,20 +1,29 @@
 """Runs every method on one setting and writes the comparison table and plots.
 
     python experiments/compare.py --config embedded --out experiments/results/embedded \
-        [--seeds 0,1,2] [--methods fedms,fedavg,...] [--config.KEY=VALUE ...]
+        [--seeds 0,1,2] [--methods fedms,fedavg,...] [--flops-seeds 0] [--workdir DIR --reuse] \
+        [--config.KEY=VALUE ...]
 
 For each method (an algorithm plus its overrides, ``METHODS``) and seed it runs the whole job
 (``fedms_jax.run.run``) and then writes, under ``--out``:
 
   * ``table.md``: final personalised accuracy (mean weighted by test size; and the 10th
     percentile over clients), global accuracy (global model on the whole test set; "-" for
-    methods without one), trainable parameters per client as % of the backbone, bytes uploaded
-    and downloaded per client per round (mean over rounds), training GFLOPs per round (XLA cost
-    analysis of one client's compiled local training x local steps x cohort, mean over rounds),
-    and wall seconds. With several seeds: mean +- std over seeds.
+    methods without one), the FedMS gate's mean weight on the local expert over all test
+    examples (and its std over the examples), trainable parameters per client as % of the
+    whole backbone, bytes uploaded and downloaded per client per round (mean over rounds),
+    training GFLOPs per round (XLA cost analysis of one client's compiled local training x
+    local steps x cohort, each budget tier at its level, mean over rounds), and wall seconds.
+    With several seeds: mean +- std over seeds. For FedMS runs, a second table sets the
+    mixture against each of its experts alone on the same test splits; with budget tiers, a
+    third gives each tier's costs.
   * ``accuracy_vs_round.png``, ``accuracy_vs_bytes.png`` (personalised accuracy against
     cumulative bytes communicated, up + down, all clients), ``global_accuracy_vs_round.png``.
   * ``results.json``: every number above plus each run's metrics, and the command.
+
+Each finished run is also kept as ``WORKDIR/<method>_seed<s>.json``; with ``--reuse`` a later
+invocation (or several in parallel, one per seed) takes those instead of running them again, so
+a long comparison can be split and then tabulated by one last invocation over every seed.
 """
 from __future__ import annotations
 
@@ -40,6 +49,8 @@ METHODS: dict[str, list[str]] = {
     "fedms (fixed 0.5/0.5)": ["algorithm=fedms", "fedms.gate=fixed", "fedms.local_weight=0.5"],
     "fedms (no SAL)": ["algorithm=fedms", "sal.mode=all"],
     "fedms (no stage 1)": ["algorithm=fedms", "stage1_rounds=0"],
+    # Half as long a stage 1: the local experts get more of the same rounds.
+    "fedms (stage 1 halved)": ["algorithm=fedms", "stage1_rounds=5"],
     # Budget-aware SAL: 3 tiers of 1, 2 and 4 blocks (a quarter, a quarter, half of each cohort).
     "fedms (budgets 1/2/4)": ["algorithm=fedms", "sal.budgets=1,2,4", "sal.budget_shares=0.25,0.25,0.5"],
     "fedavg_sal": ["algorithm=fedavg_sal"],
@@ -54,7 +65,7 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def run_method(base: list[str], config_name: str, method: str, seed: int, workdir: Path) -> dict:
+def run_method(base: list[str], config_name: str, method: str, seed: int, workdir: Path, flops: bool = True) -> dict:
     from fedms_jax.run import run
 
     config = validate(apply_overrides(load_config(config_name), base + METHODS[method] + [f"seed={seed}"]))
@@ -69,8 +80,9 @@ def run_method(base: list[str], config_name: str, method: str, seed: int, workdi
     # FLOPs per round: each budget tier's clients x one client's FLOPs at the tier's level (one
     # tier of the whole cohort without budgets); client_flops memoised per level.
     per_level: dict = {}
-    flops = {p: accounting.tier_flops(engine, server, clients, p, config.cohort_size, per_level)
-             for p in algorithm.phases(config.rounds)}
+    if flops:  # compiles one client per phase: off for the seeds of --flops-seeds' complement
+        flops = {p: accounting.tier_flops(engine, server, clients, p, config.cohort_size, per_level)
+                 for p in algorithm.phases(config.rounds)}
     trainable = max(accounting.trainable_params(engine, server, clients, p) for p in algorithm.phases(config.rounds))
     # The whole backbone (all L blocks), also with model.frozen_blocks > 0, where the engine
     # holds only the top L - F blocks: "% of the backbone" stays relative to the real model.
@@ -85,13 +97,13 @@ def run_method(base: list[str], config_name: str, method: str, seed: int, workdi
         "trainable_pct": 100.0 * trainable / backbone,
         "bytes_up": float(np.mean([l["bytes_up"] / l["cohort"] for l in lines])),
         "bytes_down": float(np.mean([l["bytes_down"] / l["cohort"] for l in lines])),
-        "gflops_per_round": float(np.mean([sum(flops[p]) for p in phases])) / 1e9,
+        "gflops_per_round": float(np.mean([sum(flops[p]) for p in phases])) / 1e9 if flops else None,
         "gate_local_weight": final.get("gate_local_weight"),
         "gate_local_std": final.get("gate_local_std"),
         "personalized_accuracy_global": final.get("personalized_accuracy_global"),
         "personalized_accuracy_local": final.get("personalized_accuracy_local"),
         "mixture_minus_best_expert": final.get("mixture_minus_best_expert"),
-        "tiers": tier_costs(engine, server, clients, phases, config.cohort_size, per_level),
+        "tiers": tier_costs(engine, server, clients, phases, config.cohort_size, per_level) if flops else None,
         "metrics": lines,
     }
 
@@ -135,7 +147,7 @@ def _gate(rs: list[dict]) -> str:
     return _fmt([r["gate_local_weight"] for r in rs], ".2f") + (f" ({np.mean(std):.2f})" if std else "")
 
 
-def table(results: list[dict], methods: list[str]) -> str:
+def table(results: list[dict], methods: list[str], num_seeds: int = 1) -> str:
     rows = [
         "| method | personalised acc. | p10 over clients | global acc. | gate: local weight (std over examples) "
         "| trainable % of backbone | KB up / client / round | KB down / client / round | GFLOPs / round | seconds |",
@@ -144,8 +156,9 @@ def table(results: list[dict], methods: list[str]) -> str:
     for m in methods:
         rs = [r for r in results if r["method"] == m]
         col = lambda key: [r[key] for r in rs]
+        name = m if len(rs) == num_seeds else f"{m} ({len(rs)} seed{'s' * (len(rs) > 1)})"
         rows.append(
-            f"| {m} | {_fmt(col('personalized_accuracy'), '.3f')} | {_fmt(col('personalized_p10'), '.3f')} "
+            f"| {name} | {_fmt(col('personalized_accuracy'), '.3f')} | {_fmt(col('personalized_p10'), '.3f')} "
             f"| {_fmt(col('accuracy'), '.3f')} | {_gate(rs)} | {_fmt(col('trainable_pct'), '.3f')} "
             f"| {_fmt(col('bytes_up'), '.1f', 1e-3)} | {_fmt(col('bytes_down'), '.1f', 1e-3)} "
             f"| {_fmt(col('gflops_per_round'), '.2f')} | {_fmt(col('seconds'), '.0f')} |"
@@ -225,6 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--workdir", default=None, help="where the runs' metrics go (default: OUT/runs)")
+    p.add_argument("--flops-seeds", default=None,
+                   help="measure GFLOPs per round only in these seeds' runs (each costs a compile per phase; "
+                        "the table averages the runs that have it). Default: every run")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="tabulate the finished runs in WORKDIR only (none is run); a method with fewer "
+                        "seeds than --seeds says how many it has")
     p.add_argument("--reuse", action="store_true",
                    help="take a run's result from WORKDIR/<method>_seed<s>.json when an earlier invocation "
                         "finished it (the same config and overrides are the caller's responsibility)")
@@ -234,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    flops_seeds = None if args.flops_seeds is None else {int(s) for s in args.flops_seeds.split(",")}
     for m in methods:  # every config is validated before anything runs
         for s in seeds:
             validate(apply_overrides(load_config(args.config), base + METHODS[m] + [f"seed={s}"]))
@@ -245,10 +265,12 @@ def main(argv: list[str] | None = None) -> None:
         for s in seeds:
             workdir = runs / f"{''.join(c if c.isalnum() else '_' for c in m)}_seed{s}"
             done = workdir.with_name(workdir.name + ".json")
-            if args.reuse and done.exists():  # a finished run of an earlier (or parallel) invocation
+            if (args.reuse or args.reuse_only) and done.exists():  # finished by an earlier invocation
                 results.append(json.loads(done.read_text()))
                 continue
-            r = run_method(base, args.config, m, s, workdir)
+            if args.reuse_only:
+                continue
+            r = run_method(base, args.config, m, s, workdir, flops=flops_seeds is None or s in flops_seeds)
             tmp = done.with_suffix(".tmp")
             tmp.write_text(json.dumps(r))
             tmp.replace(done)
@@ -256,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['accuracy'] if r['accuracy'] is not None else float('nan'):.3f}  {r['seconds']:.0f}s", flush=True)
             results.append(r)
     command = "python experiments/compare.py " + " ".join(shlex.quote(a) for a in argv)
-    md = table(results, methods)
+    methods = [m for m in methods if any(r["method"] == m for r in results)]
+    md = table(results, methods, len(seeds))
     header = (
         f"# {args.config}: every method\n\nMade by\n\n    {command}\n\non {jax.devices()[0].device_kind} "
         f"({jax.device_count()} device(s)); seeds {seeds}; final round's numbers.\n\n"

@@ -35,6 +35,7 @@ from fedms_jax.federated.types import ClientOutput, Features, Phase, join_units,
 
 PyTree = Any
 HOLDOUT_STREAM = 0x484F4C44  # fold_in data for a client's held-out split ("HOLD")
+EPOCH_STREAM = 0x45504F43  # fold_in data for a round's per-epoch orders ("EPOC")
 OPT = "opt"  # the client-state entry holding persistent optimizer states
 
 
@@ -127,7 +128,7 @@ class Sampler:
         if not self.epochs:
             return self._pick(sample_indices(self.train, k, self.b), self.held), jnp.ones((self.b,), jnp.float32)
         epoch, j = i // self.per_epoch, i % self.per_epoch
-        perm = random_order(jax.random.fold_in(self.key, -1 - epoch), self.train, self.max_n)
+        perm = random_order(jax.random.fold_in(jax.random.fold_in(self.key, EPOCH_STREAM), epoch), self.train, self.max_n)
         pos = jax.lax.dynamic_slice(jnp.pad(perm, (0, self.per_epoch * self.b - self.max_n)), (j * self.b,), (self.b,))
         mask = (j * self.b + jnp.arange(self.b)) < self.train
         return self._pick(jnp.where(mask, pos, 0), self.held), mask.astype(jnp.float32)

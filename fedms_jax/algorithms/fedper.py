@@ -8,20 +8,30 @@ head's optimizer state persists on its client across rounds.
 from __future__ import annotations
 
 from fedms_jax.algorithms.common import (
-    Algorithm, Settings, active, delta, expert_stage, fresh_clients, opt_states, single, stack,
+    Algorithm, Settings, Stage, active, delta, expert_stage, fresh_clients, opt_states, single, stack,
 )
 from fedms_jax.algorithms.fedavg import init_expert
 from fedms_jax.federated import server as srv
 
 
-def fedper(settings: Settings) -> Algorithm:
+def local_head_init(settings: Settings):
+    """``init`` of the methods with a federated body and a local head: the server holds the
+    LoRA units, every client a copy of the initial head and its optimizer state."""
+
     def init(rng, num_clients):
         trainable = init_expert(settings, rng)
         shared = {"lora": trainable["lora"]}
         local = {"head": trainable["head"], "opt": opt_states(settings, head=trainable["head"])}
         return srv.init_server(settings.server_optimizer, shared), fresh_clients(num_clients, stack(local, num_clients))
 
-    stage = expert_stage(
+    return init
+
+
+def local_head_stage(settings: Settings, **overrides) -> Stage:
+    """The stage of a federated body (LoRA: broadcast, trained, its delta uploaded) with a
+    local head (kept on the client with its optimizer state, never sent; no global model);
+    ``overrides`` as in ``expert_stage`` (FedRep's segments)."""
+    return expert_stage(
         settings,
         broadcast=lambda server, phase: active(settings, server.trainable, phase, head=False),
         client_init=lambda down, state, phase: ({**down, "head": state["head"]}, None),
@@ -29,5 +39,9 @@ def fedper(settings: Settings) -> Algorithm:
             {"lora": delta(new["lora"], old["lora"])}, {**state, "head": new["head"]}),
         global_predict=None,  # no shared head: no global model
         persistent=("head",),
+        **overrides,
     )
-    return single("fedper", settings, init, stage)
+
+
+def fedper(settings: Settings) -> Algorithm:
+    return single("fedper", settings, local_head_init(settings), local_head_stage(settings))

@@ -9,31 +9,12 @@ client. No global model (no shared head).
 """
 from __future__ import annotations
 
-from fedms_jax.algorithms.common import (
-    Algorithm, Settings, active, delta, expert_stage, fresh_clients, opt_states, single, stack,
-)
-from fedms_jax.algorithms.fedavg import init_expert
+from fedms_jax.algorithms.common import Algorithm, Settings, single
+from fedms_jax.algorithms.fedper import local_head_init, local_head_stage
 from fedms_jax.config import FedRepConfig
-from fedms_jax.federated import server as srv
 
 
 def fedrep(settings: Settings, options: FedRepConfig = FedRepConfig()) -> Algorithm:
     """FedRep; ``options`` is ``config.fedrep`` (validated when it was made)."""
-
-    def init(rng, num_clients):
-        trainable = init_expert(settings, rng)
-        local = {"head": trainable["head"], "opt": opt_states(settings, head=trainable["head"])}
-        return srv.init_server(settings.server_optimizer, {"lora": trainable["lora"]}), fresh_clients(
-            num_clients, stack(local, num_clients))
-
-    stage = expert_stage(
-        settings,
-        broadcast=lambda server, phase: active(settings, server.trainable, phase, head=False),
-        client_init=lambda down, state, phase: ({**down, "head": state["head"]}, None),
-        client_final=lambda down, state, old, new, phase: (
-            {"lora": delta(new["lora"], old["lora"])}, {**state, "head": new["head"]}),
-        global_predict=None,
-        segments=((("head",), options.head_fraction), (("lora",), 1.0 - options.head_fraction)),
-        persistent=("head",),
-    )
-    return single("fedrep", settings, init, stage)
+    segments = ((("head",), options.head_fraction), (("lora",), 1.0 - options.head_fraction))
+    return single("fedrep", settings, local_head_init(settings), local_head_stage(settings, segments=segments))

@@ -62,7 +62,10 @@ def extract(module, params, images_u8: np.ndarray, size: int, stats, batch: int 
 
     n = len(images_u8)
     batches = _padded_batches(images_u8, batch)
-    compiled = features.lower(params, jnp.asarray(batches[0])).compile()
+    from fedms_jax.models.transformer import unrolled_layers
+
+    with unrolled_layers():  # XLA's cost analysis counts a scanned block once
+        compiled = features.lower(params, jnp.asarray(batches[0])).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     gflops = float(cost["flops"]) / batch / 1e9

@@ -34,7 +34,7 @@ PyTree = Any
 FORMAT = 1
 # Keys that may change between a run and its resume without changing its results.
 RESUMABLE_CHANGES = ("rounds", "eval_every", "eval_clients", "eval_batch", "placement.", "checkpoint.", "data.data_dir",
-                     "data.feature_cache")
+                     "data.feature_cache", "compile.")
 
 
 def _version() -> str:

@@ -339,6 +339,9 @@ class ModelConfig(_Section):
     # F: blocks [0, F) are frozen for every method (no LoRA below block F) and run once per image
     # before training (data.feature_cache keeps their output); the federated model is blocks [F, L)
     frozen_blocks: int = _int(0, lo=0)
+    # run a range of blocks as one lax.scan over their stacked params (compile time independent
+    # of depth); False unrolls them (same parameters, same outputs)
+    scan_layers: bool = True
 
     def _validate(self) -> None:
         self._choice("dtype", DTYPES)
@@ -474,6 +477,20 @@ class PlacementConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class CompileConfig(_Section):
+    """When and where the run's programs are compiled (fedms_jax/compiling.py)."""
+
+    _key = "compile."
+    # lower and compile every round and evaluation program the run will need in background
+    # threads while the first rounds run (False: each when first used)
+    ahead: bool = True
+    threads: int = _int(0, lo=0)  # compile threads; 0 = auto (half the host's cores, 1 to 8)
+    cache: bool = True  # JAX's persistent compilation cache: a repeated or resumed run compiles nothing
+    # the cache's directory; "" = $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/fedms_jax/jax
+    cache_dir: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config(_Section):
     """A run: the top-level scalars and one section each; checks that span sections live here.
 
@@ -500,6 +517,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = _section(CheckpointConfig)
     mesh: MeshConfig = _section(MeshConfig)
     placement: PlacementConfig = _section(PlacementConfig)
+    compile: CompileConfig = _section(CompileConfig)
 
     def _validate(self) -> None:
         self._choice("algorithm", ALGORITHMS)

@@ -75,7 +75,8 @@ def plan(config: Config, layouts: list[Layout]) -> list[dict]:
         row: dict = {"layout": str(layout), "phase": f"stage {phase.stage}, k={phase.num_active}"}
         try:
             mesh = sharding.make_mesh(layout.clients, layout.model)
-            engine = Engine(algorithm, base.backbone, base.data, seed=config.seed, placement=Vmap(mesh),
+            engine = Engine(algorithm, base.backbone, base.data, seed=config.seed,
+                            placement=Vmap(mesh, axes=sharding.client_axes(layout.strategy)),
                             strategy=layout.strategy, eval_clients=config.eval_clients)
         except ValueError as e:
             rows.append({**row, "error": str(e)})

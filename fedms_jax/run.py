@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from fedms_jax import perf, sal
+from fedms_jax import compiling, perf, sal
 from fedms_jax.budgets import ResourceModel
 from fedms_jax.algorithms import Algorithm, Settings, make_algorithm
 from fedms_jax.builders import build_expert, client_optimizer, lr_scale, split_frozen
@@ -40,10 +40,10 @@ from fedms_jax.data.clients import ClientData, stack_clients
 from fedms_jax.data.features import FrozenStem, stem_tokens
 from fedms_jax.data.sources import DataError, Dataset, load_dataset, subsample
 from fedms_jax.federated import accounting
-from fedms_jax.federated.placement import make_placement
+from fedms_jax.federated.placement import make_placement, replicated
 from fedms_jax.federated.rounds import Engine, sample_cohort
 from fedms_jax.federated.server import server_optimizer
-from fedms_jax.federated.sharding import make_mesh
+from fedms_jax.federated.sharding import client_axes, client_devices, make_mesh
 from fedms_jax.federated.types import ClientStates, Phase, ServerState
 
 PyTree = Any
@@ -68,19 +68,22 @@ def make_run_mesh(config: Config):
         mesh = make_mesh(m.clients, m.model)
     except ValueError as e:
         raise ConfigError(f"config.mesh = {m.clients} x {m.model}: {e}") from None
+    # The clients are split over sharding.client_axes(strategy): 'clients', or the whole mesh (fsdp).
+    axes, span = client_axes(m.strategy), client_devices(mesh, m.strategy)
     per_chunk = config.placement.chunk_size or config.cohort_size
-    if per_chunk % mesh.shape["clients"]:
+    if per_chunk % span:
         raise ConfigError(
             f"config.cohort_size = {config.cohort_size} (chunk {per_chunk}) must be a multiple of the "
-            f"{mesh.shape['clients']} devices on the 'clients' axis (mesh {dict(mesh.shape)})"
+            f"{span} devices on the mesh axes {axes} the clients are split over (mesh {dict(mesh.shape)}, "
+            f"strategy {m.strategy!r})"
         )
     resources = ResourceModel.from_config(config)
     if resources is not None and config.placement.backend == "vmap":  # each tier group is sharded
         counts = resources.tiers.counts
-        if any(n % mesh.shape["clients"] for n in counts):
+        if any(n % span for n in counts):
             raise ConfigError(
                 f"config.sal.budget_shares = {resources.shares}: the tiers get {counts} clients per round; "
-                f"each must be a multiple of the {mesh.shape['clients']} devices on the 'clients' axis"
+                f"each must be a multiple of the {span} devices on the mesh axes {axes} the clients are split over"
             )
     return mesh
 
@@ -129,7 +132,33 @@ class Experiment:
     def init_states(self) -> tuple[ServerState, ClientStates]:
         """The initial (server, client) states from the run's init key, placed on the mesh."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
-        return self.engine.place(self.algorithm.init(key, self.config.data.num_clients))
+        # One program (op by op, every small initialisation op would be a compile of its own).
+        init = jax.jit(self.algorithm.init, static_argnums=1, out_shardings=replicated(self.engine.mesh))
+        return init(key, self.config.data.num_clients)
+
+    def evaluates(self, round_index: int) -> bool:
+        """Whether the run evaluates after round ``round_index``: every ``eval_every`` rounds and
+        after the last one."""
+        c = self.config
+        return (round_index + 1) % c.eval_every == 0 or round_index + 1 == c.rounds
+
+    def programs(self, server: ServerState, clients: ClientStates, start: int = 0) -> list[tuple]:
+        """Every program rounds ``start ..`` will run, in the order they first need them, as
+        ``Engine.compile_ahead`` takes them: the round program of each phase, then (when the
+        run evaluates in that phase) its personalised and global evaluation programs."""
+        out, seen = [], set()
+        for t in range(start, self.config.rounds):
+            phase = self.algorithm.phase(t)
+            wanted = [("round", phase, server, clients, self.config.cohort_size)]
+            if self.evaluates(t):
+                wanted.append(("personal", phase, server, clients, self.client_test))
+                if self.algorithm.has_global_model:
+                    wanted.append(("global", phase, server, self.test_images, self.test_labels))
+            for program in wanted:
+                if program[:2] not in seen:
+                    seen.add(program[:2])
+                    out.append(program)
+        return out
 
     def evaluate(self, server: ServerState, clients: ClientStates, phase: Phase) -> dict[str, float]:
         """Personalised (every client, own test split) and global (whole test set) metrics."""
@@ -206,7 +235,7 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
     tokens = (spec.image_size // spec.patch_size) ** 2 + 1
     enc = spec.encoder
     chunk = config.placement.chunk_size or perf.auto_chunk_size(
-        config.cohort_size, mesh.shape["clients"],
+        config.cohort_size, client_devices(mesh, config.mesh.strategy),
         perf.activation_bytes(config.client.batch_size, tokens, enc.hidden_size, enc.mlp_dim, enc.num_heads,
                               jnp.dtype(config.model.dtype).itemsize),
         mesh.devices.flat[0].platform,
@@ -218,13 +247,15 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         test_inputs = stem_tokens(stem, test.images, cache, name="test images", log=log)
     engine = Engine(
         algorithm, built.backbone, stack_clients(train, parts, train_inputs), seed=config.seed,
-        placement=make_placement(config.placement.backend, mesh, chunk), strategy=config.mesh.strategy, eval_clients=config.eval_clients, eval_batch=config.eval_batch,
+        placement=make_placement(config.placement.backend, mesh, chunk, config.mesh.strategy), strategy=config.mesh.strategy, eval_clients=config.eval_clients, eval_batch=config.eval_batch,
         tiers=resources.tiers if resources is not None else None,
+        compile_threads=(config.compile.threads or compiling.default_threads()) if config.compile.ahead else 0,
     )
+    client_test, test_images, test_labels = engine.place(
+        (stack_clients(test, test_parts, test_inputs), np.asarray(test_inputs), np.asarray(test.labels)))
     return Experiment(
         config=config, train=train, test=test, parts=parts, test_parts=test_parts, algorithm=algorithm,
-        engine=engine, client_test=jax.device_put(stack_clients(test, test_parts, test_inputs)),
-        test_images=jnp.asarray(test_inputs), test_labels=jnp.asarray(test.labels),
+        engine=engine, client_test=client_test, test_images=test_images, test_labels=test_labels,
         backbone_params=backbone_params, stem=stem, resources=resources,
     )
 
@@ -401,6 +432,46 @@ class Preemption(Callback):
         self._previous = {}
 
 
+class StartupTiming(Callback):
+    """Writes ``timing.json`` (process 0) at the end of a run: seconds to build, to the end of the
+    first round, in all; XLA compilations and persistent-cache hits (``compiling.CompileLog``);
+    and per program its lower and compile seconds, whether it was compiled ahead, and how long
+    the rounds waited for it."""
+
+    def __init__(self, path: Path, primary: bool, began: float, built: float, log: compiling.CompileLog) -> None:
+        self.path, self.primary, self.began, self.built, self.log = path, primary, began, built, log
+        self.exp: Experiment | None = None
+        self.first_round: float | None = None
+        self.rounds = 0
+
+    def on_start(self, exp, start):
+        self.exp = exp
+
+    def on_round(self, end):
+        if self.first_round is None:
+            self.first_round = time.perf_counter() - self.began
+        self.rounds += 1
+
+    def on_end(self):
+        if not self.primary or self.exp is None:
+            return
+        c = self.exp.config.compile
+        out = {
+            "build_s": self.built - self.began,
+            "first_round_done_s": self.first_round,
+            "total_s": time.perf_counter() - self.began,
+            "rounds": self.rounds,
+            **self.log.snapshot(),
+            "ahead": c.ahead, "threads": self.exp.engine.executables.threads,
+            "cache_dir": jax.config.jax_compilation_cache_dir,
+            "programs": self.exp.engine.executables.report(),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, self.path)
+
+
 def _keep_metrics_before(path: Path, start: int) -> None:
     """Drops the metric lines of rounds >= start (written after the checkpoint we resume from),
     by writing a new file and renaming it over the old one."""
@@ -452,7 +523,7 @@ def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, star
                 "cohort": len(cohort), "bytes_up": up, "bytes_down": down,
                 "seconds": seconds, **metrics,
             }
-            if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
+            if exp.evaluates(t):
                 record.update(exp.evaluate(server, clients, phase))
             end = RoundEnd(t, phase, record, server, clients)
             for cb in callbacks:
@@ -471,16 +542,43 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True, mesh=None
     """
     config = validate(config)
     workdir = Path(workdir)
+    began = time.perf_counter()
+    compiling.configure_cache(config.compile.cache, config.compile.cache_dir)
+    compile_log = compiling.CompileLog().__enter__()
+    try:
+        return _run(config, workdir, progress=progress, mesh=mesh, callbacks=callbacks, began=began,
+                    compile_log=compile_log)
+    finally:
+        compile_log.__exit__()
+
+
+def _run(config: Config, workdir: Path, *, progress: bool, mesh, callbacks, began: float,
+         compile_log: compiling.CompileLog) -> RunResult:
     exp = build(config, mesh=mesh, log=_log_stderr if jax.process_index() == 0 else None)
-    server, clients = exp.init_states()
-    primary = jax.process_index() == 0
+    try:
+        return _run_built(exp, workdir, progress=progress, callbacks=callbacks, began=began, compile_log=compile_log)
+    finally:
+        exp.engine.executables.close()  # compiles not yet started are not needed any more
+
+
+def _run_built(exp: Experiment, workdir: Path, *, progress: bool, callbacks, began: float,
+               compile_log: compiling.CompileLog) -> RunResult:
+    config = exp.config
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep, asynchronous=ck.asynchronous)
+    if config.compile.ahead:
+        # Every program the rounds will need, in the order they need them, from the states'
+        # shapes alone: the compile threads start while the states are initialised and restored.
+        resume_at = min(max(checkpointer.steps(), default=0), config.rounds)
+        exp.engine.compile_ahead(exp.programs(*jax.eval_shape(exp.init_states), resume_at))
+    server, clients = exp.init_states()
+    built = time.perf_counter()
+    primary = jax.process_index() == 0
     start = 0
     restored = checkpointer.restore_latest({"server": server, "clients": clients}, config)
     if restored is not None:
         start, state, _ = restored
-        server, clients = state["server"], state["clients"]
+        server, clients = exp.engine.place((state["server"], state["clients"]))
     if progress and primary:
         print(partition.summary(exp.train.labels, exp.parts, exp.train.num_classes))
         if restored is not None:
@@ -492,8 +590,9 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True, mesh=None
     }
     checkpointing = Checkpointing(checkpointer, meta)
     # Preemption goes last: every other callback sees the round before it saves and stops the run.
+    timing = StartupTiming(workdir / "timing.json", primary, began, built, compile_log)
     loop_callbacks = [MetricsWriter(workdir / "metrics.jsonl", primary), ProgressBar(progress and primary),
-                      checkpointing, *callbacks, Preemption(checkpointing)]
+                      checkpointing, timing, *callbacks, Preemption(checkpointing)]
     record, server, clients = train_loop(exp, server, clients, start, loop_callbacks)
     if not record and start:  # nothing left to run: report the last line written
         lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []

@@ -24,7 +24,7 @@ def test_suite_tiny_runs_every_section(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())
     sizes = r["sizes"]
-    assert set(r) >= {"machine", "command", "w1", "backends", "compile", "memory", "fedms"}
+    assert set(r) >= {"machine", "command", "w1", "backends", "compile", "memory", "fedms", "startup"}
 
     w1 = r["w1"]
     assert [row["k"] for row in w1["rows"]] == list(sizes["w1_ks"])
@@ -53,6 +53,16 @@ def test_suite_tiny_runs_every_section(tmp_path: Path) -> None:
     for row in r["fedms"]["rows"]:
         assert row["stage2"]["median"] > 0 and row["flop_ratio"] > 1.0  # two experts' tops in stage 2
 
+    st = r["startup"]
+    for dtype in ("float32", "bfloat16"):
+        v = st[f"vitb32_{dtype}"]
+        assert v["build_s"] > 0 and [row["k"] for row in v["per_k"]] == [4, 2]
+        assert all(row["compile_s"] > 0 for row in v["per_k"]) and v["per_k"][0]["build_to_first_round_s"] > v["build_s"]
+    cold, warm = st["default"]["cold"], st["default"]["warm"]
+    assert cold["returncode"] == warm["returncode"] == 0
+    assert cold["timing"]["compiles"] > 0 and warm["timing"]["compiles"] == 0  # the warm run compiles nothing
+    assert warm["personalized_accuracy"] == cold["personalized_accuracy"]
+
     md = (out / "results.md").read_text()
-    for heading in ("### W1", "### W2", "### Compilation", "### Memory", "### FedMS", "### Targets"):
+    for heading in ("### W1", "### W2", "### Compilation", "### Memory", "### FedMS", "### Start-up", "### Targets"):
         assert heading in md

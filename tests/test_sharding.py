@@ -54,6 +54,37 @@ def test_each_device_holds_one_model_th_of_the_split_backbone(eight_devices, nam
     assert (replicated == total).all()
 
 
+def test_fsdp_splits_the_cohort_over_the_whole_mesh(eight_devices):
+    d = eight_devices
+    for name in ("2x4_fsdp", "4x2_fsdp"):
+        # Every device computes its own client (8 clients, 8 devices), not the 'model' group's.
+        assert int(d[f"clients_per_device_{name}"]) == 1 and int(d[f"client_devices_{name}"]) == 8, name
+        # No redundant work: replicated's FLOPs per device (before: +7% at 2x4, partial sums).
+        assert float(d[f"flops_{name}"]) <= 1.001 * float(d["flops_8x1_replicated"]), name
+        # Each block's weights are all-gathered inside the scanned encoder's loop, and nothing
+        # activation-sized is reduced: the only all-reduces are replicated's (the aggregate).
+        assert d[f"all-gather_in_loops_{name}"].size >= int(d["block_leaves"]), name
+        assert d[f"all-reduce_{name}"].max() <= d["all-reduce_8x1_replicated"].max(), name
+        assert f"all-to-all_{name}" not in d.files and f"collective-permute_{name}" not in d.files, name
+    # tensor keeps the clients over 'clients' only: its 'model' groups split each client's matmuls.
+    assert int(d["clients_per_device_2x4_tensor"]) == 4
+    assert str(d["cohort4_tensor"]) == "ok"
+    assert re.search(r"must be a multiple of the 8 devices on the mesh axes \('clients', 'model'\)", str(d["cohort4_fsdp"]))
+
+
+def test_client_axes_and_layer_hooks():
+    from fedms_jax.federated import placement
+
+    assert sharding.client_axes("fsdp") == ("clients", "model")
+    assert sharding.client_axes("tensor") == sharding.client_axes("replicated") == ("clients",)
+    mesh = sharding.make_mesh()
+    assert sharding.gather_layers(mesh, "fsdp") is None  # mesh.model = 1: nothing to gather
+    assert sharding.gather_layers(mesh, "tensor") is None and sharding.gather_layers(mesh, "replicated") is None
+    assert placement.make_placement("vmap", mesh, 4, "fsdp").axes == ("clients", "model")
+    assert placement.make_placement("vmap", mesh).axes == placement.Vmap(mesh).axes == ("clients",)
+    assert placement.Vmap(mesh, axes=("clients", "model")).num_devices == len(jax.devices())
+
+
 def test_rule_tables():
     params = {"encoder": {"blocks_0": {"attn": {"q": {"kernel": np.zeros((8, 8)), "bias": np.zeros(8)},
                                                  "o": {"kernel": np.zeros((8, 8)), "bias": np.zeros(8)}},

@@ -16,6 +16,9 @@ Writes ``DIR/results.json`` and ``DIR/results.md``. Sections (``--only`` picks s
   memory    W2 rounds at cohorts of 1..64 clients, each in a fresh process: peak host RSS (CPU)
             or peak device bytes (GPU), and XLA's argument/temp sizes, against the backbone.
   fedms     FedMS stage-2 round vs stage-1 round at the same k on W1.
+  startup   start-up costs (``startup.py``): the ViT-B/32-shaped workload in fp32 and bf16 (build
+            seconds, per-phase trace and compile seconds, time to the first round, s/round on
+            an accelerator) and the default job end to end, cold and warm compilation cache.
 
 Timings are medians over ``--repeats`` rounds after one warm-up round (which compiles). The
 suite uses the package's defaults (fedms_jax/perf.py): YNNPACK fusions off on CPU and cache-sized
@@ -392,13 +395,52 @@ def markdown(r: dict) -> str:
             [[row["k"], f"{row['stage1']['median']:.3f}", f"{row['stage2']['median']:.3f}", f"{row['ratio']:.2f}x",
               f"{row['flop_ratio']:.2f}x"] for row in r["fedms"]["rows"]],
         )
+    if "startup" in r:
+        st = r["startup"]
+        rows = []
+        for dtype in ("float32", "bfloat16"):
+            v = st[f"vitb32_{dtype}"]
+            for row in v["per_k"]:
+                rows.append([dtype, row["k"], f"{v['build_s']:.1f}" if row is v["per_k"][0] else "",
+                             f"{row['lower_s']:.2f}", f"{row['compile_s']:.2f}",
+                             f"{row['build_to_first_round_s']:.1f}" if "build_to_first_round_s" in row else "",
+                             f"{row['s_per_round']:.3f}" if "s_per_round" in row else ""])
+        v = st["vitb32_float32"]
+        out += _table(f"### Start-up: ViT-B/32 shape ({v['clients']} clients x {v['steps']} steps x {v['batch']})",
+                      ["dtype", "k", "build s", "trace+lower s", "compile s", "build to first round s", "s/round"], rows)
+        jobs = st["default"]
+        out += _table("### Start-up: the default job (`fedms-jax run`)",
+                      ["cache", "wall s", "XLA compiles", "cache hits", "first round done s"],
+                      [[name, f"{j['wall_s']:.1f}", j.get("timing", {}).get("compiles", "-"),
+                        j.get("timing", {}).get("cache_hits", "-"),
+                        f"{j['timing']['first_round_done_s']:.1f}" if "timing" in j else "-"] for name, j in jobs.items()])
     targets = {k: v for sec in r.values() if isinstance(sec, dict) for k, v in sec.get("targets", {}).items()}
     if targets:
         out += _table("### Targets", ["target", "met"], [[k, "yes" if v else "no"] for k, v in targets.items()])
     return "\n".join(out) + "\n"
 
 
-SECTIONS = ("w1", "backends", "compile", "memory", "fedms")
+def bench_startup(tiny: bool, extra: list[str]) -> dict:
+    """Start-up costs (``startup.py``): the ViT-B/32-shaped workload (fp32, bf16) -- build
+    seconds, per-phase lower and compile seconds, time to the first round, s/round -- and the
+    whole default job, cold and warm compilation cache."""
+    import startup
+
+    accel = jax.devices()[0].platform != "cpu"
+    model = startup.TINY_VIT if tiny else startup.VITB32
+    ks = [4, 2] if tiny else [12, 3]
+    clients, steps, batch, rounds = (16, 5, 32, 6) if accel else (2, 1, 8, 1)
+    out = {f"vitb32_{dtype}": startup.vitb32(model, dtype, clients, steps, batch, ks, rounds, extra)
+           for dtype in ("float32", "bfloat16")}
+    job = [f"--config.{o}" for o in extra]
+    if tiny:  # one phase: three programs
+        job += ["--config.algorithm=fedavg_sal", "--config.rounds=1", "--config.model.layers=2", "--config.sal.k0=1",
+                "--config.data.num_clients=8", "--config.cohort_size=8"]
+    out["default"] = startup.default_job(job, timeout=900, cache_key="compile.cache_dir")
+    return out
+
+
+SECTIONS = ("w1", "backends", "compile", "memory", "fedms", "startup")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -430,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         "compile": lambda: bench_compile(sizes, extra),
         "memory": lambda: bench_memory(sizes, ["--tiny"] if args.tiny else [], extra),
         "fedms": lambda: bench_fedms(sizes, repeats, extra),
+        "startup": lambda: bench_startup(args.tiny, extra),
     }
     for name in only:
         print(f"{name} ...", flush=True)

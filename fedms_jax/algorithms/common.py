@@ -109,6 +109,10 @@ class Stage(NamedTuple):
     holdout: float = 0.0
     segments: tuple[tuple[tuple[str, ...], float], ...] = ()
     persistent: tuple[str, ...] = ()
+    # The client-state entries the stage reads or writes (None: all of them). A round gathers
+    # and scatters only these for its cohort: stage 1 of a two-stage method leaves the local
+    # experts' slots alone, and moving them would be most of its program.
+    state_keys: tuple[str, ...] | None = None
 
 
 class Algorithm(NamedTuple):
@@ -215,6 +219,8 @@ def expert_stage(settings: Settings, **overrides: Callable) -> Stage:
         server_update=server_update,
         predict=predict,
         global_predict=global_predict,
+        # FedAvg's client ignores its state and returns it as it was.
+        state_keys=None if {"client_init", "client_final"} & set(overrides) else (),
     )
     return Stage(**{**defaults, **overrides})
 

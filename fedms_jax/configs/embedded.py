@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     # F: blocks [0, F) frozen for every method and run once per image before training; the
     # federated model (SAL levels, LoRA) is blocks [F, L)
     c.model.frozen_blocks = 0
+    c.model.scan_layers = True  # blocks run as a lax.scan over stacked params (False: unrolled)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8
@@ -118,4 +119,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.placement = ml_collections.ConfigDict()
     c.placement.backend = "vmap"  # vmap | sequential
     c.placement.chunk_size = 0  # clients per vmapped chunk; 0 = auto (fedms_jax/perf.py: cache-sized on CPU, whole cohort on GPU/TPU)
+
+    c.compile = ml_collections.ConfigDict()
+    c.compile.ahead = True  # compile every program the run needs in background threads, while rounds run
+    c.compile.threads = 0  # 0 = auto (half the host's cores, 1 to 8)
+    c.compile.cache = True  # persistent compilation cache: a repeated or resumed run compiles nothing
+    c.compile.cache_dir = ""  # "" = $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/fedms_jax/jax
     return c

@@ -14,7 +14,7 @@ engine's ``train_group`` over the group's clients, compiled alone): the two must
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from fedms_jax.federated.client import client_update, num_steps, uses_cache
 from fedms_jax.budgets import Group
 from fedms_jax.federated.types import ClientStates, Phase, ServerState, tree_bytes
+from fedms_jax.models.transformer import unrolled_layers
 
 PyTree = Any
 
@@ -40,10 +41,16 @@ def _one_client(engine, server: ServerState, clients: ClientStates, phase: Phase
 def bytes_per_client(engine, server: ServerState, clients: ClientStates, phase: Phase) -> tuple[int, int]:
     """(download, upload) bytes of one client in a round at ``phase``: the broadcast tree and
     the upload tree (for a frozen global expert the broadcast is an upper bound: a real client
-    could cache it)."""
+    could cache it). Local training keeps its params' shapes, so the upload's shapes come from
+    ``client_init`` and ``client_final`` alone, without tracing the training (which a run's
+    start-up would wait for)."""
     stage, down, one = _one_client(engine, server, clients, phase)
-    out = jax.eval_shape(client_update(stage, phase, engine.algorithm.settings), (engine.backbone, down), one)
-    return tree_bytes(down), tree_bytes(out.upload)
+
+    def upload(down, state):
+        params, _ = stage.client_init(down, state, phase)
+        return stage.client_final(down, state, params, params, phase)[0]
+
+    return tree_bytes(down), tree_bytes(jax.eval_shape(upload, down, one["state"]))
 
 
 def trainable_params(engine, server: ServerState, clients: ClientStates, phase: Phase) -> int:
@@ -53,7 +60,11 @@ def trainable_params(engine, server: ServerState, clients: ClientStates, phase: 
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-def _flops(lowered) -> float:
+def _flops(lower: Callable[[], Any]) -> float:
+    """FLOPs of the program ``lower()`` lowers, traced with unrolled layers (XLA's cost analysis
+    counts a loop body once, so a scanned encoder would count as one block)."""
+    with unrolled_layers():
+        lowered = lower()
     cost = lowered.compile().cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
         cost = cost[0]
@@ -66,10 +77,10 @@ def client_flops(engine, server: ServerState, clients: ClientStates, phase: Phas
     settings = engine.algorithm.settings
     stage, down, one = _one_client(engine, server, clients, phase)
     broadcast = (engine.backbone, down)
-    total = _flops(jax.jit(client_update(stage, phase, settings)).lower(broadcast, one))
+    total = _flops(lambda: jax.jit(client_update(stage, phase, settings)).lower(broadcast, one))
     once = 0.0
     if uses_cache(settings, one["images"].shape[0]):
-        once = _flops(jax.jit(_featurize(stage, settings, phase)).lower(*broadcast, one))
+        once = _flops(lambda: jax.jit(_featurize(stage, settings, phase)).lower(*broadcast, one))
     return once + num_steps(settings, one["images"].shape[0]) * (total - once)
 
 
@@ -133,12 +144,12 @@ def group_flops(engine, server: ServerState, clients: ClientStates, phase: Phase
         level = Phase(phase.stage, g.level)
         ids = jnp.arange(g.size, dtype=jnp.int32)
         body = lambda s, c, t, ids, b, d, level=level, n=g.size: engine.train_group(s, c, t, ids, b, d, level, chunk_size=n)
-        total = _flops(jax.jit(body).lower(server, clients, t, ids, engine.backbone, engine.data))
+        total = _flops(lambda: jax.jit(body).lower(server, clients, t, ids, engine.backbone, engine.data))
         stage, down, one = _one_client(engine, server, clients, level)
         once = 0.0
         if uses_cache(settings, one["images"].shape[0]):
             cohort = jax.eval_shape(lambda: engine.gather(engine.data, clients, ids, t))
             many = jax.vmap(_featurize(stage, settings, level), in_axes=(None, None, 0))
-            once = _flops(jax.jit(many).lower(engine.backbone, down, cohort))
+            once = _flops(lambda: jax.jit(many).lower(engine.backbone, down, cohort))
         out.append((g, once + num_steps(settings, one["images"].shape[0]) * (total - once)))
     return out

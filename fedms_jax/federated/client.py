@@ -34,8 +34,10 @@ import optax
 from fedms_jax.federated.types import ClientOutput, Features, Phase, join_units, split_units
 
 PyTree = Any
-HOLDOUT_STREAM = 0x484F4C44  # fold_in data for a client's held-out split ("HOLD")
+HOLDOUT_STREAM = 0x484F4C44  # fold_in data for a client's held-out split and held-out batches ("HOLD")
 EPOCH_STREAM = 0x45504F43  # fold_in data for a round's per-epoch orders ("EPOC")
+BATCH_STREAM = 0x42415443  # fold_in data for a round's batches drawn with replacement ("BATC")
+DROPOUT_STREAM = 0x44524F50  # fold_in data for the steps' dropout keys ("DROP")
 OPT = "opt"  # the client-state entry holding persistent optimizer states
 
 
@@ -58,9 +60,13 @@ def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
     return jnp.sum(values * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
-def sample_indices(count: jax.Array, key: jax.Array, batch_size: int) -> jax.Array:
-    """[batch_size] int32 indices, uniformly with replacement from ``[0, count)``."""
-    return jax.random.randint(key, (batch_size,), 0, jnp.maximum(count, 1))
+def uniform_ints(key: jax.Array, shape: tuple[int, ...], count: jax.Array) -> jax.Array:
+    """int32 indices of ``shape``, uniform with replacement from ``[0, count)`` (count >= 1; 0
+    draws zeros): 32 random bits modulo count, biased by at most count / 2^32. One hash per
+    call, where ``jax.random.randint`` runs several: its code was a large part of a round
+    program and of its compile time (about 0.3 s of XLA:CPU time per call site)."""
+    bits = jax.random.bits(key, shape, jnp.uint32)
+    return (bits % jnp.maximum(count, 1).astype(jnp.uint32)).astype(jnp.int32)
 
 
 def random_order(key: jax.Array, count: jax.Array, size: int) -> jax.Array:
@@ -97,9 +103,9 @@ def uses_cache(settings, max_examples: int) -> bool:
     return settings.cache_frozen and caches_frozen(max_examples, num_steps(settings, max_examples), settings.batch_size)
 
 
-def step_keys(key: jax.Array, i: jax.Array) -> jax.Array:
-    """Step i's two keys: [0] draws its batch, [1] is its dropout key."""
-    return jax.random.split(jax.random.fold_in(key, i))
+def dropout_key(key: jax.Array, i: jax.Array) -> jax.Array:
+    """Step i's dropout key."""
+    return jax.random.fold_in(jax.random.fold_in(key, DROPOUT_STREAM), i)
 
 
 class Sampler:
@@ -107,8 +113,12 @@ class Sampler:
 
     ``order`` [max_n]: the client's examples in a fixed random order (seeded by its split key,
     the same every round); the first ``held`` of them are its held-out slice, the next
-    ``count - held`` its training examples. Without a held-out slice the order is the identity,
-    so the default path draws exactly what it always did.
+    ``count - held`` its training examples. Without a held-out slice the order is the identity.
+
+    The round's draws are made once, before the steps, from streams of the client's round key:
+    every step's batch with replacement (``BATCH_STREAM``, [steps, B]), or one order per epoch
+    (``EPOCH_STREAM``, [E, max_n]), and every step's held-out batch (``HOLDOUT_STREAM``); a step
+    reads its row. (Drawing inside the step loop put a hash per draw into the loop body.)
     """
 
     def __init__(self, settings, holdout: float, count: jax.Array, max_n: int, key: jax.Array, split_key: jax.Array):
@@ -118,26 +128,33 @@ class Sampler:
         self.has_held = holdout > 0
         self.order = random_order(split_key, count, max_n) if self.has_held else None
         self.per_epoch = -(-max_n // self.b)
+        steps = num_steps(settings, max_n)
+        fold = lambda stream: jax.random.fold_in(key, stream)
+        if self.epochs:
+            keys = jax.vmap(lambda e: jax.random.fold_in(fold(EPOCH_STREAM), e))(jnp.arange(self.epochs))
+            perms = jax.vmap(lambda k: random_order(k, self.train, max_n))(keys)
+            self._orders = jnp.pad(perms, ((0, 0), (0, self.per_epoch * self.b - max_n)))  # [E, per_epoch * B]
+        else:
+            self._draws = uniform_ints(fold(BATCH_STREAM), (steps, self.b), self.train)  # [steps, B]
+        if self.has_held:
+            self._held_draws = uniform_ints(fold(HOLDOUT_STREAM), (steps, self.b), self.held)
 
     def _pick(self, positions: jax.Array, offset: jax.Array) -> jax.Array:
         return positions if self.order is None else self.order[offset + positions]
 
     def batch(self, i: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Step i's training batch -> (indices [B], mask [B] float32)."""
-        k = step_keys(self.key, i)[0]
         if not self.epochs:
-            return self._pick(sample_indices(self.train, k, self.b), self.held), jnp.ones((self.b,), jnp.float32)
+            return self._pick(self._draws[i], self.held), jnp.ones((self.b,), jnp.float32)
         epoch, j = i // self.per_epoch, i % self.per_epoch
-        perm = random_order(jax.random.fold_in(jax.random.fold_in(self.key, EPOCH_STREAM), epoch), self.train, self.max_n)
-        pos = jax.lax.dynamic_slice(jnp.pad(perm, (0, self.per_epoch * self.b - self.max_n)), (j * self.b,), (self.b,))
+        pos = jax.lax.dynamic_slice(self._orders[epoch], (j * self.b,), (self.b,))
         mask = (j * self.b + jnp.arange(self.b)) < self.train
         return self._pick(jnp.where(mask, pos, 0), self.held), mask.astype(jnp.float32)
 
     def held_batch(self, i: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Step i's held-out batch (with replacement) -> (indices [B], mask [B]); mask 0 when the
         client has no held-out example."""
-        k = jax.random.fold_in(jax.random.fold_in(self.key, HOLDOUT_STREAM), i)
-        idx = self.order[sample_indices(self.held, k, self.b)]
+        idx = self.order[self._held_draws[i]]
         return idx, jnp.broadcast_to(self.held > 0, (self.b,)).astype(jnp.float32)
 
 
@@ -212,7 +229,7 @@ def local_train(
         def step(carry, i):
             trained, opt = carry
             batch = make_batch(i)
-            rng = step_keys(client["key"], i)[1] if settings.use_rng else None
+            rng = dropout_key(client["key"], i) if settings.use_rng else None
             (loss, aux), grads = grad_fn(trained, batch, rng)
             scale = settings.lr_scale(i - start, count) if settings.lr_scale is not None else None
             new_p, new_opt = {}, {}

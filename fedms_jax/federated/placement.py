@@ -9,10 +9,12 @@ A backend has two operations, used by training and evaluation alike:
   * ``map(fn, broadcast, per_client)``: ``fn(broadcast, client) -> pytree`` for every client,
     stacked (evaluation).
 
-``Vmap`` runs inside the caller's jit: ``vmap(spmd_axis_name='clients')`` with per-client inputs
-*and* outputs constrained to the mesh's 'clients' axis (the DrJAX pattern), so XLA partitions
-the clients over every device. Cohorts larger than fit at once run in chunks (``lax.scan`` over
-vmapped chunks), summing weighted uploads as they go so memory holds one chunk. ``Sequential``
+``Vmap`` runs inside the caller's jit: ``vmap(spmd_axis_name=axes)`` with per-client inputs
+*and* outputs constrained to the mesh axes ``axes`` (the DrJAX pattern; 'clients', or
+('clients', 'model') when the backbone's strategy computes data-parallel over the whole mesh:
+``sharding.client_axes``), so XLA partitions the clients over those devices. Cohorts larger
+than fit at once run in chunks (``lax.scan`` over vmapped chunks), summing weighted uploads as
+they go so memory holds one chunk. ``Sequential``
 is a Python loop over clients with ``fn`` jitted once: the same math, for debugging and
 comparison. Algorithms never see which backend runs them.
 
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedms_jax.federated import sharding
 from fedms_jax.federated.server import weighted_mean, weighted_sum
 from fedms_jax.federated.types import ClientOutput
 
@@ -36,8 +39,9 @@ CLIENTS = "clients"
 ClientFn = Callable[[PyTree, PyTree], ClientOutput]
 
 
-def clients_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(CLIENTS))
+def clients_sharding(mesh: Mesh, axes: tuple[str, ...] = (CLIENTS,)) -> NamedSharding:
+    """The leading (client) axis split over the mesh axes ``axes``."""
+    return NamedSharding(mesh, P(tuple(axes)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -56,31 +60,41 @@ def _pad_clients(tree: PyTree, m: int, to: int) -> PyTree:
 
 
 class Vmap:
-    """Clients vmapped (and chunked) inside the caller's jit, sharded over ``mesh``'s 'clients'.
+    """Clients vmapped (and chunked) inside the caller's jit, sharded over ``mesh``'s ``axes``.
 
     chunk_size: clients per vmapped chunk in ``map_reduce`` (None: the whole cohort at once);
-    must be a multiple of the devices on the 'clients' axis.
+    must be a multiple of the devices the client axis spans (``num_devices``).
+    axes: the mesh axes the clients are split over (``sharding.client_axes(strategy)``; default
+    'clients' only).
     """
 
     jitted = True  # runs inside the caller's jit
 
-    def __init__(self, mesh: Mesh | None = None, chunk_size: int | None = None) -> None:
+    def __init__(self, mesh: Mesh | None = None, chunk_size: int | None = None,
+                 axes: tuple[str, ...] = (CLIENTS,)) -> None:
         self.mesh = mesh
         self.chunk_size = chunk_size or None
+        self.axes = tuple(axes)
 
     @property
     def num_devices(self) -> int:
-        return self.mesh.shape[CLIENTS] if self.mesh is not None else 1
+        """The devices the client axis spans: the product of the mesh's ``axes``."""
+        if self.mesh is None:
+            return 1
+        n = 1
+        for axis in self.axes:
+            n *= self.mesh.shape[axis]
+        return n
 
     def constrain(self, tree: PyTree) -> PyTree:
-        """Splits the leading (client) axis of every leaf over the mesh's 'clients' axis."""
+        """Splits the leading (client) axis of every leaf over the mesh's ``axes``."""
         if self.mesh is None:
             return tree
-        sharding = NamedSharding(self.mesh, P(CLIENTS))
-        return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+        split = clients_sharding(self.mesh, self.axes)
+        return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, split), tree)
 
     def _vmapped(self, fn: Callable) -> Callable:
-        axis = CLIENTS if self.mesh is not None else None
+        axis = None if self.mesh is None else self.axes[0] if len(self.axes) == 1 else self.axes
         inner = jax.vmap(fn, in_axes=(None, 0), spmd_axis_name=axis)
         return lambda broadcast, chunk: self.constrain(inner(broadcast, self.constrain(chunk)))
 
@@ -90,7 +104,7 @@ class Vmap:
         if chunk % self.num_devices:
             raise ValueError(
                 f"clients per chunk ({chunk}) must be a multiple of the {self.num_devices} devices on "
-                f"the '{CLIENTS}' mesh axis"
+                f"the mesh axes {self.axes}"
             )
 
     def map_reduce(self, fn: ClientFn, broadcast: PyTree, per_client: PyTree, *,
@@ -183,9 +197,11 @@ class Sequential:
 Placement = Vmap | Sequential
 
 
-def make_placement(backend: str, mesh: Mesh | None, chunk_size: int | None = None) -> Placement:
+def make_placement(backend: str, mesh: Mesh | None, chunk_size: int | None = None,
+                   strategy: str = "replicated") -> Placement:
+    """The backend; ``Vmap`` splits the clients over ``sharding.client_axes(strategy)``."""
     if backend == "vmap":
-        return Vmap(mesh, chunk_size)
+        return Vmap(mesh, chunk_size, sharding.client_axes(strategy))
     if backend == "sequential":
         return Sequential(mesh)
     raise ValueError(f"placement.backend must be 'vmap' or 'sequential', got {backend!r}")

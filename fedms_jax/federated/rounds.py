@@ -18,16 +18,21 @@ the clients that trained it, and one ``server_update`` runs at the round's phase
 structure is static, so this is still one program per phase, holding one client body per
 distinct level of the phase (a handful), and no Python loop over clients.
 
-With the ``Vmap`` backend that is one ``jax.jit`` program per distinct ``Phase`` (the only
-static argument; the round index is traced), cached on the engine, so a run compiles once per
-phase and never per round. The backbone and the data are arguments, never closed-over
-constants (XLA would embed them in the program).
+With the ``Vmap`` backend that is one program per distinct ``Phase`` (the only static argument;
+the round index is traced), compiled once per engine through ``compiling.Programs``: lowered
+from the states' abstract shapes (``lower_round``), so a run can compile every phase it will
+need ahead, in background threads, before its rounds reach them (``Engine.compile_ahead``), and
+the executable is called directly. Every input and output has a fixed sharding (states, round
+index, cohort ids and data replicated; the backbone by ``strategy``), so one executable serves
+every round of its phase. The backbone and the data are arguments, never closed-over constants
+(XLA would embed them in the program). Evaluation programs are made the same way.
 
 Randomness: client c in round t uses ``fold_in(fold_in(key(seed), t), c)``, and the cohort of
 round t is drawn from ``(seed, t)``, so results do not depend on devices, chunking or resumes.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import jax
@@ -35,12 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedms_jax.budgets import Group, Tiers, uniform_cohort
+from fedms_jax.compiling import Programs, abstract
 from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import evaluation, sharding
 from fedms_jax.federated.client import HOLDOUT_STREAM, client_update
 from fedms_jax.federated.placement import Placement, replicated
 from fedms_jax.federated.server import weighted_mean
 from fedms_jax.federated.types import ClientOutput, ClientStates, Phase, ServerState, tree_where
+from fedms_jax.models.transformer import layer_params_hook
 
 PyTree = Any
 EXCLUDED = "excluded"
@@ -58,8 +65,12 @@ def client_keys(seed_key: jax.Array, round_index: jax.Array, cohort_ids: jax.Arr
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
-    flags = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(flags).all() if flags else jnp.ones((), bool)
+    """Whether every float in ``tree`` is finite: one reduction over the leaves concatenated.
+    (Per-leaf flags ``and``-ed together compile to a chain that XLA fused into every ``where``
+    reading the result: 58 copies of a 207-long chain made up a quarter of a stage-1 round
+    program and more than half its compile time.)"""
+    floats = [x.ravel().astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.isfinite(jnp.concatenate(floats)).all() if floats else jnp.ones((), bool)
 
 
 def guard(update: Callable) -> Callable:
@@ -99,12 +110,14 @@ class Engine:
       tiers: budget tiers (``budgets.Tiers``): every cohort is then tier-major with
         ``tiers.counts`` clients per tier, and a tier of budget b trains at level min(k, b).
         None: every client trains at k.
+      compile_threads: background threads for ``compile_ahead`` (0: every program is compiled
+        when first used).
     """
 
     def __init__(
         self, algorithm, backbone: PyTree, data: ClientData, *, seed: int, placement: Placement,
         strategy: str = "replicated", eval_clients: int = 8, eval_batch: int = 256,
-        tiers: Tiers | None = None,
+        tiers: Tiers | None = None, compile_threads: int = 0,
     ) -> None:
         self.algorithm = algorithm
         self.placement = placement
@@ -119,22 +132,26 @@ class Engine:
         self.eval_batch = eval_batch
         self.tiers = tiers
         self.num_traces = 0  # how many round programs were traced (= compiled)
-        self._programs: dict[tuple, Callable] = {}  # (kind, phase, ...) -> program or client fn
+        self._programs: dict[tuple, Callable] = {}  # (kind, phase, ...) -> jitted function or client fn
+        self.executables = Programs(compile_threads)  # (kind, phase, ...) -> compiled program
+        self._lock = threading.RLock()
 
     def _cached(self, key: tuple, make: Callable[[], Callable]) -> Callable:
-        if key not in self._programs:
-            self._programs[key] = make()
-        return self._programs[key]
+        with self._lock:  # compile threads trace programs concurrently
+            if key not in self._programs:
+                self._programs[key] = make()
+            return self._programs[key]
 
     def place(self, tree: PyTree) -> PyTree:
-        """Commits server/client states to the mesh (replicated), as the round's outputs are, so
-        the first round and every later one see the same input shardings (no recompile)."""
+        """Commits states or data to the mesh (replicated), as the round's outputs are, so the
+        first round and every later one see the same input shardings (one executable per phase).
+        Arrays already placed so are returned as they are."""
         return jax.device_put(tree, replicated(self.mesh))
 
     @property
     def compiled_phases(self) -> list[Phase]:
-        """The phases whose round program was jitted (none for the sequential backend)."""
-        return [key[1] for key in self._programs if key[0] == "round"] if self.placement.jitted else []
+        """The phases whose round program was compiled (none for the sequential backend)."""
+        return [key[1] for key in self.executables.timings if key[0] == "round"] if self.placement.jitted else []
 
     @property
     def client_phases(self) -> list[Phase]:
@@ -159,8 +176,8 @@ class Engine:
         target = min(getattr(self.placement, "chunk_size", None) or size, size)
         fits = [c for c in range(d, target + 1, d) if size % c == 0]
         if not fits:
-            raise ValueError(f"a budget tier group of {size} clients cannot be split over the {d} devices of the "
-                             f"'clients' mesh axis: clients per tier per round must be multiples of {d}")
+            raise ValueError(f"a budget tier group of {size} clients cannot be split over the {d} devices the "
+                             f"clients are spread over: clients per tier per round must be multiples of {d}")
         return max(fits)
 
     # --- training ---------------------------------------------------------------------------
@@ -169,8 +186,10 @@ class Engine:
         return self._cached(("client", phase), lambda: guard(
             client_update(self.algorithm.stage(phase), phase, self.algorithm.settings)))
 
-    def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array) -> PyTree:
-        """One round's per-client inputs [cohort, ...]: id, images, labels, count, key, split_key, state."""
+    def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array,
+               state_keys: tuple[str, ...] | None = None) -> PyTree:
+        """One round's per-client inputs [cohort, ...]: id, images, labels, count, key, split_key,
+        state (the entries ``state_keys`` of the client states; None: all)."""
         take = lambda x: x[cohort_ids]
         return {
             "id": cohort_ids,
@@ -180,14 +199,14 @@ class Engine:
             "key": client_keys(self.seed_key, round_index, cohort_ids),
             # The same every round: a client's held-out split (``client.Sampler``) never moves.
             "split_key": client_keys(self.seed_key, HOLDOUT_STREAM, cohort_ids),
-            "state": jax.tree_util.tree_map(take, clients.local),
+            "state": jax.tree_util.tree_map(take, _entries(clients.local, state_keys)),
         }
 
     def train_group(self, server, clients, round_index, ids, backbone, data, phase: Phase, *, chunk_size=None):
         """One group of a budget-aware round: the clients ``ids`` trained at ``phase`` (the
         group's level) -> (summed uploads, totals, new states, metrics, example counts)."""
         stage = self.algorithm.stage(phase)
-        cohort = self.gather(data, clients, ids, round_index)
+        cohort = self.gather(data, clients, ids, round_index, stage.state_keys)
         broadcast = (backbone, stage.broadcast(server, phase))
         summed, totals, states, metrics = self.placement.map_reduce(
             self.client_fn(phase), broadcast, cohort, chunk_size=chunk_size or self.group_chunk(ids.shape[0]), mean=False)
@@ -204,7 +223,7 @@ class Engine:
             ids = cohort_ids[g.start:g.start + g.size]
             s, t, states, m, n = self.train_group(server, clients, round_index, ids, backbone, data, Phase(phase.stage, g.level))
             summed, totals = add(summed, s), add(totals, t)
-            local = jax.tree_util.tree_map(lambda all_, new, ids=ids: all_.at[ids].set(new), local, states)
+            local = _scatter(local, states, ids)
             metrics.append(m)
             counts.append(n)
         server = stage.server_update(server, weighted_mean(summed, totals), totals, phase)
@@ -223,40 +242,85 @@ class Engine:
         return server, clients, out
 
     def _round(self, server, clients, round_index, cohort_ids, backbone, data, *, phase):
-        stage = self.algorithm.stage(phase)
-        if self.placement.jitted:
-            self.num_traces += 1
-            backbone = sharding.constrain(backbone, self.mesh, self.strategy)
-        if self.tiers is not None:
-            return self._tiered_round(stage, server, clients, round_index, cohort_ids, backbone, data, phase)
-        cohort = self.gather(data, clients, cohort_ids, round_index)
-        broadcast = (backbone, stage.broadcast(server, phase))
-        mean, totals, states, metrics = self.placement.map_reduce(self.client_fn(phase), broadcast, cohort)
-        server = stage.server_update(server, mean, totals, phase)
-        excluded = metrics.pop(EXCLUDED)
-        clients = ClientStates(
-            participation=clients.participation.at[cohort_ids].add(1 - excluded.astype(jnp.int32)),
-            local=jax.tree_util.tree_map(lambda all_, new: all_.at[cohort_ids].set(new), clients.local, states),
-        )
-        weights = cohort["count"].astype(jnp.float32) * (1.0 - excluded)
-        out = {name: jnp.sum(v * weights) / jnp.maximum(weights.sum(), 1.0) for name, v in metrics.items()}
-        out["excluded_clients"] = excluded.sum()
-        return server, clients, out
+        with layer_params_hook(sharding.gather_layers(self.mesh, self.strategy)):  # fsdp: gather per layer
+            stage = self.algorithm.stage(phase)
+            if self.placement.jitted:
+                self.num_traces += 1
+                backbone = sharding.for_compute(backbone, self.mesh, self.strategy)
+            if self.tiers is not None:
+                return self._tiered_round(stage, server, clients, round_index, cohort_ids, backbone, data, phase)
+            cohort = self.gather(data, clients, cohort_ids, round_index, stage.state_keys)
+            broadcast = (backbone, stage.broadcast(server, phase))
+            mean, totals, states, metrics = self.placement.map_reduce(self.client_fn(phase), broadcast, cohort)
+            server = stage.server_update(server, mean, totals, phase)
+            excluded = metrics.pop(EXCLUDED)
+            clients = ClientStates(
+                participation=clients.participation.at[cohort_ids].add(1 - excluded.astype(jnp.int32)),
+                local=_scatter(clients.local, states, cohort_ids),
+            )
+            weights = cohort["count"].astype(jnp.float32) * (1.0 - excluded)
+            out = {name: jnp.sum(v * weights) / jnp.maximum(weights.sum(), 1.0) for name, v in metrics.items()}
+            out["excluded_clients"] = excluded.sum()
+            return server, clients, out
 
     def round_fn(self, phase: Phase) -> Callable:
-        """The round at ``phase``: jitted (donating the states) for ``Vmap``; for ``Sequential`` a
-        Python function driving one jitted client at a time."""
+        """The round at ``phase``: jitted (donating the states; every output replicated) for
+        ``Vmap``; for ``Sequential`` a Python function driving one jitted client at a time."""
         body = lambda s, c, t, ids, b, d: self._round(s, c, t, ids, b, d, phase=phase)
-        return self._cached(("round", phase), lambda: jax.jit(body, donate_argnums=(0, 1)) if self.placement.jitted else body)
+        jitted = lambda: jax.jit(body, donate_argnums=(0, 1), out_shardings=replicated(self.mesh))
+        return self._cached(("round", phase), jitted if self.placement.jitted else lambda: body)
+
+    def lower_round(self, phase: Phase, server: PyTree, clients: PyTree, cohort_size: int):
+        """The round program at ``phase`` for a cohort of ``cohort_size``, lowered (traced) from
+        the states' shapes: ``server`` and ``clients`` may be arrays or ShapeDtypeStructs."""
+        rep = replicated(self.mesh)
+        index = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+        return self.round_fn(phase).lower(abstract(server, rep), abstract(clients, rep), index(()),
+                                          index((cohort_size,)), abstract(self.backbone), abstract(self.data))
+
+    def compile_ahead(self, programs: list[tuple]) -> None:
+        """Starts compiling ``programs`` in the background threads, in order: each is
+        ``('round', phase, server, clients, cohort_size)``, ``('personal', phase, server,
+        clients, test)`` or ``('global', phase, server, images, labels)``, with the arguments'
+        arrays or ShapeDtypeStructs (their shapes are taken now: the arrays may be donated)."""
+        if not self.placement.jitted:
+            return
+        for kind, phase, *args in programs:
+            args = [a if isinstance(a, int) else abstract(a) for a in args]
+            key, lower = self._lowering(kind, phase, *args)
+            self.executables.submit(key, lower)
+
+    def _lowering(self, kind: str, phase: Phase, *args) -> tuple[tuple, Callable]:
+        """(key, lower) of a program: ``lower()`` traces and lowers it from ``args``' shapes."""
+        if kind == "round":
+            server, clients, cohort_size = args
+            return ("round", phase, cohort_size), lambda: self.lower_round(phase, server, clients, cohort_size)
+        if kind == "personal":
+            server, clients, test = args
+            key = ("personal", phase, self.eval_batch, self.eval_clients)
+            return key, lambda: self._personal_fn(phase).lower(
+                *(abstract(x, replicated(self.mesh)) for x in (server, clients)), abstract(self.backbone),
+                abstract(test, replicated(self.mesh)))
+        if kind == "global":
+            server, images, labels = args
+            key = ("global", phase, self.eval_batch)
+            return key, lambda: self._global_fn(phase).lower(
+                abstract(server, replicated(self.mesh)), abstract(self.backbone),
+                *(abstract(x, replicated(self.mesh)) for x in (images, labels)))
+        raise ValueError(f"unknown program kind {kind!r}")
 
     def run_round(
         self, server: ServerState, clients: ClientStates, round_index: int, phase: Phase, cohort_ids: np.ndarray
     ) -> tuple[ServerState, ClientStates, dict]:
         """One round at ``phase`` (``algorithm.phase(round_index)``) over ``cohort_ids`` (with
         budget tiers: tier-major, as ``budgets.ResourceModel.cohort`` draws it)."""
-        ids = jnp.asarray(cohort_ids, jnp.int32)
-        t = jnp.asarray(round_index, jnp.int32)
-        return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data)
+        if not self.placement.jitted:
+            ids, t = jnp.asarray(cohort_ids, jnp.int32), jnp.asarray(round_index, jnp.int32)
+            return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data)
+        ids, t = self.place((np.asarray(cohort_ids, np.int32), np.asarray(round_index, np.int32)))
+        server, clients = self.place((server, clients))
+        key, lower = self._lowering("round", phase, server, clients, ids.shape[0])
+        return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, self.data)
 
     # --- evaluation -------------------------------------------------------------------------
     def _program(self, key: tuple, make_body: Callable[[], Callable]) -> Callable:
@@ -274,10 +338,8 @@ class Engine:
             return tree
         return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, replicated(self.mesh)), tree)
 
-    def evaluate_clients(self, server: ServerState, clients: ClientStates, phase: Phase, test: ClientData) -> dict[str, np.ndarray]:
-        """Every client's personalised model on its own test split (``test``: padded per-client
-        test data [clients, max_t, ...]). Returns per-client arrays [clients]: ``count``,
-        ``correct``, ``nll`` (summed) and the sum of every per-example extra (e.g. ``gate_local``)."""
+    def _personal_fn(self, phase: Phase) -> Callable:
+        """``(server, clients, backbone, test) -> per-client sums``, jitted for ``Vmap``."""
         batch, chunk = self.eval_batch, self.eval_clients
 
         def make_body():
@@ -286,17 +348,17 @@ class Engine:
             def body(server, clients, backbone, test):
                 down = self.algorithm.stage(phase).broadcast(server, phase)
                 per_client = {"images": test.images, "labels": test.labels, "count": test.counts, "state": clients.local}
-                return self._replicate(self.placement.map(fn, (backbone, down), per_client, chunk_size=chunk))
+                if self.placement.jitted:
+                    backbone = sharding.for_compute(backbone, self.mesh, self.strategy)
+                with layer_params_hook(sharding.gather_layers(self.mesh, self.strategy)):
+                    return self._replicate(self.placement.map(fn, (backbone, down), per_client, chunk_size=chunk))
 
             return body
 
-        out = self._program(("personal", phase, batch, chunk), make_body)(server, clients, self.backbone, test)
-        return {"count": np.asarray(test.counts), **{name: np.asarray(v) for name, v in out.items()}}
+        return self._program(("personal", phase, batch, chunk), make_body)
 
-    def evaluate_global(self, server: ServerState, phase: Phase, images: jax.Array, labels: jax.Array) -> tuple[float, float]:
-        """The global model on a whole test set, split over the devices: -> (mean loss, accuracy)."""
-        if not self.algorithm.has_global_model:
-            raise TypeError(f"algorithm {self.algorithm.name!r} has no global model")
+    def _global_fn(self, phase: Phase) -> Callable:
+        """``(server, backbone, images, labels) -> summed nll and correct``, jitted for ``Vmap``."""
         batch, shards = self.eval_batch, self.placement.num_devices
 
         def make_body():
@@ -304,12 +366,59 @@ class Engine:
 
             def body(server, backbone, images, labels):
                 down = self.algorithm.stage(phase).broadcast(server, phase)
-                out = self.placement.map(fn, (backbone, down), evaluation.shard_test_set(images, labels, shards))
+                if self.placement.jitted:
+                    backbone = sharding.for_compute(backbone, self.mesh, self.strategy)
+                with layer_params_hook(sharding.gather_layers(self.mesh, self.strategy)):
+                    out = self.placement.map(fn, (backbone, down), evaluation.shard_test_set(images, labels, shards))
                 return self._replicate({name: v.sum() for name, v in out.items()})
 
             return body
 
-        out = self._program(("global", phase, batch), make_body)(server, self.backbone, images, labels)
+        return self._program(("global", phase, batch), make_body)
+
+    def _call(self, kind: str, phase: Phase, *args) -> PyTree:
+        """Runs evaluation program ``kind`` on ``args`` (the backbone goes in second place)."""
+        if not self.placement.jitted:
+            fn = self._personal_fn(phase) if kind == "personal" else self._global_fn(phase)
+            return fn(*_with_backbone(kind, args, self.backbone))
+        args = self.place(args)
+        key, lower = self._lowering(kind, phase, *args)
+        return self.executables.get(key, lower)(*_with_backbone(kind, args, self.backbone))
+
+    def evaluate_clients(self, server: ServerState, clients: ClientStates, phase: Phase, test: ClientData) -> dict[str, np.ndarray]:
+        """Every client's personalised model on its own test split (``test``: padded per-client
+        test data [clients, max_t, ...]). Returns per-client arrays [clients]: ``count``,
+        ``correct``, ``nll`` (summed) and the sum of every per-example extra (e.g. ``gate_local``)."""
+        out = self._call("personal", phase, server, clients, test)
+        return {"count": np.asarray(test.counts), **{name: np.asarray(v) for name, v in out.items()}}
+
+    def evaluate_global(self, server: ServerState, phase: Phase, images: jax.Array, labels: jax.Array) -> tuple[float, float]:
+        """The global model on a whole test set, split over the devices: -> (mean loss, accuracy)."""
+        if not self.algorithm.has_global_model:
+            raise TypeError(f"algorithm {self.algorithm.name!r} has no global model")
+        out = self._call("global", phase, server, images, labels)
         n = labels.shape[0]
         return float(out["nll"]) / n, float(out["correct"]) / n
+
+
+def _entries(local: PyTree, keys: tuple[str, ...] | None) -> PyTree:
+    """The client-state entries ``keys`` (None: the whole state)."""
+    return local if keys is None else {k: local[k] for k in keys}
+
+
+def _scatter(local: PyTree, states: PyTree, ids: jax.Array) -> PyTree:
+    """Writes the cohort's new states (all, or some of the entries) back at ``ids``."""
+    if isinstance(local, dict) and isinstance(states, dict) and states.keys() != local.keys():
+        return {**local, **{k: _scatter(local[k], v, ids) for k, v in states.items()}}
+    return jax.tree_util.tree_map(lambda all_, new: all_.at[ids].set(new), local, states)
+
+
+def _with_backbone(kind: str, args: tuple, backbone: PyTree) -> tuple:
+    """An evaluation program's arguments: personal (server, clients, backbone, test); global
+    (server, backbone, images, labels)."""
+    if kind == "personal":
+        server, clients, test = args
+        return server, clients, backbone, test
+    server, images, labels = args
+    return server, backbone, images, labels
 

@@ -6,22 +6,27 @@ are the backbone's Flax names joined by '/', e.g. ``encoder/blocks_3/attn/q/kern
 strategy is a new table, not new model code:
 
 * ``replicated``: every device holds the whole backbone (the 1-D default; ``mesh.model`` = 1).
-* ``fsdp``: every weight is split along one axis over 'model'; XLA gathers each block's weights
-  where they are used (the activations stay split over 'clients' only).
+* ``fsdp``: every weight is split along one axis over 'model', and the compute is data-parallel
+  over the whole mesh: the clients are split over ('clients', 'model'), so every device computes
+  distinct clients, and each block's weights are all-gathered once per layer inside the scanned
+  encoder (``gather_layers``, a ``transformer.layer_params_hook``) rather than the activations
+  all-reduced.
 * ``tensor``: Megatron-style. q, k, v and fc1 are column-parallel (their output features, i.e.
   whole attention heads and MLP columns, split over 'model'), o and fc2 row-parallel (input
   features split), so a block needs one reduction after attention and one after the MLP.
   Embeddings, layer norms and the row-parallel biases stay replicated (about 1% of ViT-B).
 
-The per-client inputs and client work are split over 'clients' (each 'model' group of devices
-computes the same clients). LoRA trees and client states stay replicated: a ViT-B LoRA tree
+Where the clients go is ``client_axes(strategy)``: over both axes for ``fsdp``; over 'clients'
+only for ``tensor`` (its 'model' groups split every client's matmuls, so a group computes the
+same clients) and ``replicated`` (no 'model' axis). ``for_compute`` is the backbone as a round or
+evaluation program uses it. LoRA trees and client states stay replicated: a ViT-B LoRA tree
 (rank 8, q and v) is 0.3% of the backbone, and splitting it would add collectives to every
 adapter matmul for no memory worth having.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -48,6 +53,33 @@ RULES: dict[str, list[tuple[str, P]]] = {
     ],
 }
 STRATEGIES = tuple(RULES)
+
+
+def client_axes(strategy: str) -> tuple[str, ...]:
+    """The mesh axes the per-client (cohort) axis is split over under ``strategy``: both for
+    ``fsdp`` (weights sharded, compute data-parallel), 'clients' only otherwise."""
+    if strategy not in RULES:
+        raise ValueError(f"mesh.strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    return (CLIENTS, MODEL) if strategy == "fsdp" else (CLIENTS,)
+
+
+def client_devices(mesh: Mesh, strategy: str) -> int:
+    """How many devices the client axis spans (clients per chunk must be a multiple of it)."""
+    return int(np.prod([mesh.shape.get(axis, 1) for axis in client_axes(strategy)]))
+
+
+def gather_layers(mesh: Mesh, strategy: str) -> Callable[[PyTree], PyTree] | None:
+    """A ``transformer.layer_params_hook`` for the strategy, or None where none is needed.
+
+    ``fsdp`` (with mesh.model > 1): constrains a block's params to replicated inside the scan
+    body, i.e. all-gathers the block's weights once per layer, so its matmuls run data-parallel on
+    the device's own clients. Without it XLA's partitioner splits the matmuls along the sharded
+    weight axis and all-reduces the activations instead.
+    """
+    if strategy != "fsdp" or mesh.shape.get(MODEL, 1) == 1:
+        return None
+    full = NamedSharding(mesh, P())
+    return lambda params: jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, full), params)
 
 
 def make_mesh(clients: int = 0, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -112,6 +144,24 @@ def constrain(params: PyTree, mesh: Mesh, strategy: str) -> PyTree:
     return jax.tree_util.tree_map(
         jax.lax.with_sharding_constraint, params, shardings(params, mesh, strategy)
     )
+
+
+LAYER = re.compile(r"(^|/)blocks_\d+/")  # a leaf of one of the encoder's blocks
+
+
+def for_compute(params: PyTree, mesh: Mesh, strategy: str) -> PyTree:
+    """The backbone as a program computes with it (inside jit): ``constrain``, and under ``fsdp``
+    the leaves outside the encoder's blocks (patch and position embeddings, class token, final
+    norm: ~1-3% of a ViT) gathered once per program, while the blocks stay split until
+    ``gather_layers`` gathers them one at a time. Left split, the embeddings' split output
+    features lead XLA to split every later activation on its feature axis, and the scanned
+    blocks then all-reduce and all-gather activations instead of their weights."""
+    params = constrain(params, mesh, strategy)
+    if gather_layers(mesh, strategy) is None:
+        return params
+    full = NamedSharding(mesh, P())
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if LAYER.search(path_of(path)) else jax.lax.with_sharding_constraint(x, full), params)
 
 
 def bytes_per_device(tree: PyTree) -> dict[Any, int]:

@@ -6,17 +6,29 @@ which are also the names LoRA targets use.
 
 The encoder runs any contiguous range of blocks, with or without LoRA, so the SAL forward can
 run the frozen trunk (blocks ``[0, L-k)``) and the adapted top (``[L-k, L)``) separately.
+
+Scanned layers (``Encoder.scan``, the default): a range of two or more blocks runs as one
+``lax.scan`` over the blocks' parameters stacked along a new leading axis, so a program holds one
+block body however deep the range is, and its trace and compile times stop growing with depth
+(as big_vision's and MaxText's scanned encoders). The parameters stay stored per block
+(``blocks_i``): Hugging Face loading and export, LoRA units per block, per-unit aggregation and
+the sharding rules see the same tree either way; the stacking happens inside the program (a copy
+of the range's weights, negligible next to a block's matmuls). With LoRA dropout the scanned
+encoder draws one dropout key per block from the encoder's, so its masks differ from the
+unrolled encoder's (equal in distribution); without dropout the two are equal.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedms_jax.models.lora import LoRADense, LoRASpec
+from fedms_jax.models.lora import LORA_COLLECTION, LoRADense, LoRASpec
 
 def _gelu_exact(x: jax.Array) -> jax.Array:
     # torch's formula, 0.5 x (1 + erf(x / sqrt 2)). jax.nn.gelu(approximate=False) goes through
@@ -163,13 +175,56 @@ class Block(nn.Module):
         return x * gamma.astype(x.dtype)
 
 
+def stack_blocks(blocks: Sequence[Any]) -> Any:
+    """Per-block trees (equal structure) -> one tree whose leaves gain a leading block axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
+
+
+# The hook the scanned encoder calls on each block's parameters inside the scan (identity by
+# default). A sharding strategy can set it while a program traces, e.g. to gather a block's
+# sharded weights once per layer (``federated.sharding.gather_layers``).
+_LAYER_PARAMS_HOOK: contextvars.ContextVar[Callable[[Any], Any] | None] = contextvars.ContextVar(
+    "layer_params_hook", default=None)
+
+
+_UNROLLED: contextvars.ContextVar[bool] = contextvars.ContextVar("unrolled_layers", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+    """Within the block, encoders trace their blocks unrolled even if ``scan`` is set. For XLA's
+    cost analysis, which counts a loop body once: a scanned encoder's FLOPs would be one
+    block's (``federated.accounting`` compiles its FLOP probes unrolled)."""
+    token = _UNROLLED.set(True)
+    try:
+        yield
+    finally:
+        _UNROLLED.reset(token)
+
+
+@contextlib.contextmanager
+def layer_params_hook(hook: Callable[[Any], Any] | None):
+    """Within the block, scanned encoders pass every block's params through ``hook`` first."""
+    token = _LAYER_PARAMS_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _LAYER_PARAMS_HOOK.reset(token)
+
+
 class Encoder(nn.Module):
-    """A stack of ``spec.num_layers`` blocks named ``blocks_0 .. blocks_{L-1}``."""
+    """A stack of ``spec.num_layers`` blocks named ``blocks_0 .. blocks_{L-1}``.
+
+    scan: run a range of two or more blocks as a ``lax.scan`` over their stacked parameters
+    (one block body per program); False unrolls them in a Python loop. Same parameters, same
+    outputs (module docstring).
+    """
 
     spec: EncoderSpec
     lora: LoRASpec | None = None
     dtype: Any = jnp.float32
     causal: bool = False
+    scan: bool = True
 
     def setup(self) -> None:
         self.blocks = [
@@ -187,6 +242,27 @@ class Encoder(nn.Module):
     ) -> jax.Array:
         """Runs blocks ``[start, stop)`` on h: [B, T, D] -> [B, T, D]."""
         stop = self.spec.num_layers if stop is None else stop
+        if self.scan and stop - start >= 2 and not self.is_initializing() and not _UNROLLED.get():
+            return self._scanned(h, start, stop, use_lora=use_lora, deterministic=deterministic)
         for i in range(start, stop):
             h = self.blocks[i](h, use_lora=use_lora, deterministic=deterministic)
+        return h
+
+    def _scanned(self, h: jax.Array, start: int, stop: int, *, use_lora: bool, deterministic: bool) -> jax.Array:
+        names = [f"blocks_{i}" for i in range(start, stop)]
+        collections = ["params"] + ([LORA_COLLECTION] if use_lora and self.lora is not None else [])
+        stacked = {c: stack_blocks([self.variables[c][n] for n in names]) for c in collections}
+        dropout = use_lora and self.lora is not None and self.lora.dropout > 0 and not deterministic
+        keys = jax.random.split(self.make_rng("dropout"), len(names)) if dropout else None
+        block = Block(self.spec, self.lora, self.dtype, self.causal, parent=None)
+        hook = _LAYER_PARAMS_HOOK.get()
+
+        def body(h, xs):
+            variables, key = xs
+            if hook is not None:
+                variables = {**variables, "params": hook(variables["params"])}
+            rngs = {"dropout": key} if key is not None else None
+            return block.apply(variables, h, use_lora=use_lora, deterministic=deterministic, rngs=rngs), None
+
+        h, _ = jax.lax.scan(body, h, (stacked, keys))
         return h

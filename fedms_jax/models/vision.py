@@ -255,6 +255,7 @@ class VisionTransformer(nn.Module):
     spec: VisionSpec
     lora: LoRASpec | None = None
     dtype: Any = jnp.float32
+    scan: bool = True  # scanned encoder blocks (``transformer.Encoder.scan``)
 
     def setup(self) -> None:
         spec, d = self.spec, self.spec.encoder.hidden_size
@@ -275,7 +276,7 @@ class VisionTransformer(nn.Module):
             self.projection = nn.Dense(spec.projection_dim, use_bias=False, dtype=self.dtype)
         elif spec.pooler:
             self.pooler = nn.Dense(d, dtype=self.dtype)
-        self.encoder = Encoder(spec.encoder, self.lora, self.dtype)
+        self.encoder = Encoder(spec.encoder, self.lora, self.dtype, scan=self.scan)
         self.final_ln = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
 
     @property

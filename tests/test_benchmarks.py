@@ -56,12 +56,10 @@ def test_suite_tiny_runs_every_section(tmp_path: Path) -> None:
     st = r["startup"]
     for dtype in ("float32", "bfloat16"):
         v = st[f"vitb32_{dtype}"]
-        assert v["build_s"] > 0 and [row["k"] for row in v["per_k"]] == [4, 2]
+        assert v["build_s"] > 0 and [row["k"] for row in v["per_k"]] == [2]
         assert all(row["compile_s"] > 0 for row in v["per_k"]) and v["per_k"][0]["build_to_first_round_s"] > v["build_s"]
-    cold, warm = st["default"]["cold"], st["default"]["warm"]
-    assert cold["returncode"] == warm["returncode"] == 0
-    assert cold["timing"]["compiles"] > 0 and warm["timing"]["compiles"] == 0  # the warm run compiles nothing
-    assert warm["personalized_accuracy"] == cold["personalized_accuracy"]
+    cold = st["default"]["cold"]  # (the warm run compiling nothing: tests/test_compiling.py)
+    assert cold["returncode"] == 0 and cold["timing"]["compiles"] > 0 and 0 < cold["personalized_accuracy"] <= 1
 
     md = (out / "results.md").read_text()
     for heading in ("### W1", "### W2", "### Compilation", "### Memory", "### FedMS", "### Start-up", "### Targets"):

@@ -110,14 +110,15 @@ def vitb32(model: list[str], dtype: str, clients: int, steps: int, batch: int, k
             "platform": jax.devices()[0].platform, "per_k": per_k}
 
 
-def default_job(extra: list[str], timeout: float, cache_key: str) -> dict:
-    """``fedms-jax run`` on the embedded config, cold then warm, with one fresh compilation cache
-    (set by the config override ``cache_key``; empty: the code has no cache, run it once)."""
+def default_job(extra: list[str], timeout: float, cache_key: str, warm: bool = True) -> dict:
+    """``fedms-jax run`` on the embedded config, cold then (``warm``) warm, with one fresh
+    compilation cache (set by the config override ``cache_key``; empty: the code has no cache,
+    run it once)."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ)
         cache = [f"--config.{cache_key}={Path(tmp) / 'cache'}"] if cache_key else []
-        for name in ("cold", "warm") if cache_key else ("no cache",):
+        for name in (("cold", "warm") if warm else ("cold",)) if cache_key else ("no cache",):
             workdir = Path(tmp) / name.replace(" ", "_")
             cmd = [sys.executable, "-m", "fedms_jax.cli", "run", "--workdir", str(workdir), "--no-progress", *cache, *extra]
             s = time.perf_counter()

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Hashable
@@ -54,7 +55,14 @@ def configure_cache(enabled: bool, directory: str = "") -> Path | None:
     if (str(path) if path else None) == current:
         return path
     if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise PermissionError(f"{path} is not writable")
+        except OSError as e:  # a cache is an optimisation: run without one rather than fail
+            warnings.warn(f"compile.cache_dir {str(path)!r} cannot be used ({e}); running without a "
+                          "persistent compilation cache", stacklevel=2)
+            return configure_cache(False)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_dir", str(path) if path else None)

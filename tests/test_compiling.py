@@ -143,6 +143,11 @@ def test_configure_cache_switches_and_turns_off(tmp_path, own_cache):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a") and (tmp_path / "a").is_dir()
     assert compiling.configure_cache(False) is None and jax.config.jax_compilation_cache_dir is None
     assert compiling.cache_directory("~/x").is_absolute()
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.warns(UserWarning, match="running without a persistent compilation cache"):
+        assert compiling.configure_cache(True, str(blocked / "cache")) is None
+    assert jax.config.jax_compilation_cache_dir is None
 
 
 def test_programs_compile_once_and_report_errors_at_use():

@@ -43,18 +43,18 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from fedms_jax import rng as rngs
+from fedms_jax.rng import Stream
+
 MODES = ("static", "dynamic")
-# A named stream: seeds are [seed, BUDGET, 1] (static tiers) and [seed, BUDGET, 2, round]
-# (a round's draw), apart from every other draw of the package ([seed], [seed, t], [seed, 1|2]).
-BUDGET = 0x627564  # "bud"
 
 
 def uniform_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
-    """Uniform without replacement, seeded by (seed, round), sorted: a resumed run draws the same
+    """Uniform without replacement, from the stream (seed, COHORT, round), sorted: a resumed run draws the same
     (``federated.rounds.sample_cohort``, the cohort without budgets)."""
     if not 1 <= cohort_size <= num_clients:
         raise ValueError(f"cohort_size must be in [1, {num_clients}], got {cohort_size}")
-    rng = np.random.default_rng([seed, round_index])
+    rng = rngs.numpy(seed, Stream.COHORT, round_index)
     return np.sort(rng.choice(num_clients, cohort_size, replace=False)).astype(np.int32)
 
 
@@ -175,13 +175,13 @@ class ResourceModel:
         if self.mode != "static":
             raise ValueError("client_tiers: in 'dynamic' mode a client's tier changes every round (see cohort)")
         multiset = np.repeat(np.arange(len(self.budgets)), self.population)
-        return np.random.default_rng([self.seed, BUDGET, 1]).permutation(multiset)
+        return rngs.numpy(self.seed, Stream.BUDGET, 0).permutation(multiset)
 
     def cohort(self, round_index: int) -> np.ndarray:
         """Round ``round_index``'s cohort ids [cohort_size] int32, tier-major (``Tiers.counts``
         clients of each tier in turn; sorted within a tier)."""
         counts = self.tiers.counts
-        rng = np.random.default_rng([self.seed, BUDGET, 2, round_index])
+        rng = rngs.numpy(self.seed, Stream.BUDGET, 1, round_index)
         if self.mode == "static":
             tiers = self.client_tiers()
             parts = [rng.choice(np.flatnonzero(tiers == g), n, replace=False) for g, n in enumerate(counts)]

@@ -7,13 +7,17 @@ A checkpoint (``WORKDIR/checkpoints/<rounds done>/``) holds
     (asynchronously when ``checkpoint.asynchronous``: the device-to-host copy blocks, the write
     does not);
   * ``meta`` (JSON): the number of rounds done, the phase (stage, SAL level) of the next round,
-    the RNG recipe (every random draw is ``fold_in(key(seed), round, client)``, so the seed and
-    the round are the whole RNG state), the package and format versions, and the config.
+    the RNG recipe (every random draw comes from a named stream ``(seed, purpose, round, client,
+    ...)``, ``fedms_jax.rng``, so the seed and the round are the whole RNG state), with DP the
+    accountant's ledger (its parameters and the noisy rounds so far), the package and format
+    versions, and the config.
 
 orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-write leaves no half checkpoint behind. On resume the newest checkpoint whose config agrees
-on every key that changes the results is restored; an unreadable one (corrupt files) is skipped
-with a warning in favour of the one before.
+on every key that changes the results is restored; a changed ``placement.*`` is allowed with a
+warning (the float sums change order); an unreadable one (corrupt files) is skipped with a
+warning in favour of the one before. With several processes every such decision is agreed
+(``distributed.agree_all``), so all restore the same round.
 """
 from __future__ import annotations
 
@@ -28,13 +32,14 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fedms_jax import distributed
 from fedms_jax.config import Config, ConfigError, validate
 
 PyTree = Any
-FORMAT = 1
+FORMAT = 2  # 2: named random streams (fedms_jax.rng); format-1 runs drew other numbers
 # Keys that may change between a run and its resume without changing its results.
 RESUMABLE_CHANGES = ("rounds", "eval_every", "eval_clients", "eval_batch", "placement.", "checkpoint.", "data.data_dir",
-                     "data.feature_cache", "compile.")
+                     "data.feature_cache", "compile.", "multihost.")
 
 
 def _version() -> str:
@@ -70,12 +75,24 @@ def config_changes(saved: dict[str, Any], config: Config | ml_collections.Config
     now = config_fingerprint(config)
     defaults = config_fingerprint(Config())
     keys = sorted(set(saved) | set(now))
-    matters = lambda k: not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
+    # dp.target_epsilon calibrates the noise for config.rounds rounds: other rounds, other noise.
+    calibrated = now.get("dp.target_epsilon", 0) > 0
+    matters = lambda k: (k == "rounds" and calibrated) or not any(
+        k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
     added_at_default = lambda k: k not in saved and k in defaults and now.get(k) == defaults[k]
     return [
         (k, saved.get(k, "<absent>"), now.get(k, "<absent>"))
         for k in keys if matters(k) and saved.get(k) != now.get(k) and not added_at_default(k)
     ]
+
+
+def placement_changes(saved: dict[str, Any], config: Config | ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """(key, saved, current) for each ``placement.*`` key that differs: allowed on resume (the
+    same computation), but chunking and the sequential backend add the clients' contributions
+    in another order, so the floats differ in their last bits."""
+    now = config_fingerprint(config)
+    return [(k, saved.get(k, "<absent>"), v) for k, v in sorted(now.items())
+            if k.startswith("placement.") and k in saved and saved[k] != v]
 
 
 class Checkpointer:
@@ -134,11 +151,21 @@ class Checkpointer:
                           "falling back to the one before", stacklevel=3)
             unreadable.append(step)
 
-        for step in reversed(self.steps()):
+        steps = self.steps()
+        newest = distributed.all_gather_ints("restore/newest", max(steps, default=-1))
+        if len(set(newest)) > 1:
+            raise ConfigError(f"the processes see different checkpoints in {self.directory} (newest per process: "
+                              f"{newest}): the work dir must be one shared file system")
+        for step in reversed(steps):
+            # Every process decides the same (one unreadable copy anywhere skips the step
+            # everywhere), else they would restore different rounds and their collectives deadlock.
+            error = None
             try:
                 meta = self.read_meta(step)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back
-                skip(step, e)
+                error = e
+            if not distributed.agree_all(f"restore/meta/{step}", error is None):
+                skip(step, error or RuntimeError("unreadable on another process"))
                 continue
             if meta.get("format") != FORMAT:
                 raise ConfigError(
@@ -153,12 +180,20 @@ class Checkpointer:
                     f"config.{key} = {now!r} differs from the checkpoint in {self.directory} ({was!r}): "
                     "refusing to resume a different experiment; use a new --workdir or the old value"
                 )
+            for key, was, now in placement_changes(meta["config"], config):
+                warnings.warn(
+                    f"config.{key} = {now!r} differs from the checkpoint's ({was!r}): resuming, but the clients' "
+                    "float sums are taken in another order, so the results are no longer bitwise equal to "
+                    "an uninterrupted run", stacklevel=2)
+            error = None
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
                 )
             except Exception as e:  # noqa: BLE001
-                skip(step, e)
+                error = e
+            if not distributed.agree_all(f"restore/state/{step}", error is None):
+                skip(step, error or RuntimeError("unreadable on another process"))
                 continue
             self._set_aside(unreadable)
             return step, restored["state"], meta
@@ -167,15 +202,20 @@ class Checkpointer:
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unreadable checkpoints to ``WORKDIR/checkpoints_unreadable/`` (kept for a look,
-        out of the way of the rounds that will be saved again)."""
-        if not steps or jax.process_index() != 0:
+        out of the way of the rounds that will be saved again). Process 0 moves them once every
+        process is done reading (every process reaches this point with the same ``steps``, by
+        the agreements above), and the others look at the directory again only after the move."""
+        if not steps:
             return
-        aside = self.directory.parent / "checkpoints_unreadable"
-        aside.mkdir(exist_ok=True)
-        for step in steps:
-            target = aside / f"{step}-{int(time.time())}"
-            shutil.move(str(self.directory / str(step)), str(target))
-            warnings.warn(f"moved the unreadable checkpoint to {target}", stacklevel=3)
+        distributed.all_gather_ints(f"set_aside/before/{max(steps)}", 0)
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "checkpoints_unreadable"
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target = aside / f"{step}-{int(time.time())}"
+                shutil.move(str(self.directory / str(step)), str(target))
+                warnings.warn(f"moved the unreadable checkpoint to {target}", stacklevel=3)
+        distributed.all_gather_ints(f"set_aside/after/{max(steps)}", 0)
         self.manager.reload()
 
     def close(self) -> None:

@@ -1,103 +1,249 @@
-"""``fedms-jax`` command line.
+"""The fedms-jax command line.
 
     fedms-jax run [--config FILE_OR_NAME] [--workdir DIR] [--multihost] [--config.KEY=VALUE ...]
     fedms-jax report WORKDIR [--out DIR] [--tensorboard]
     fedms-jax plan [--config FILE_OR_NAME] [--layouts 8x1:replicated,2x4:fsdp,...] [--config.KEY=VALUE ...]
 
 Exit status: 0 done; 2 bad config or a work dir that cannot be resumed with it; 1 bad input
-(missing dataset, checkpoint or hub access, malformed data); 128 + signal number when stopped by
-SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume).
+(missing dataset, checkpoint or hub access, malformed data, a work dir that cannot be written,
+another process of a multi-process job lost);
+128 + signal number when stopped by SIGTERM/SIGINT after saving a checkpoint (rerun the same
+command to resume). Every error is one line, ``fedms-jax: error: ...``, and a run that fails
+to start leaves no work dir behind.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
 from typing import Sequence
+
+import ml_collections
 
 from fedms_jax.config import ConfigError, apply_overrides, load_config, validate
 from fedms_jax.data.sources import DataError
 
+_FORMAT = argparse.RawDescriptionHelpFormatter  # keep the docstrings' line breaks
+_OVERRIDES = """\
+config overrides (run, plan):
+  --config.KEY=VALUE    set a key of the config, dotted and typed like it (one argument, no
+                        space), e.g. --config.rounds=3 --config.data.num_clients=50
+                        --config.lora.targets=q,v; repeatable"""
+_RUN = """\
+Runs a job: partitions the data over the clients, trains config.rounds rounds and writes
+WORKDIR/metrics.jsonl, WORKDIR/timing.json and checkpoints in WORKDIR/checkpoints; resumes from
+the newest checkpoint there (the config must match it)."""
+_PLAN = """\
+Builds the job and compiles one round program per sharding layout; prints the bytes per device
+of each. Runs nothing."""
+_REPORT = """\
+Writes WORKDIR/report/summary.md and PNG plots of a run's metrics (WORKDIR/metrics.jsonl)."""
+# OSErrors that are the machine's state, not a bug, even without a file name.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedms-jax", description=__doc__)
+    p = argparse.ArgumentParser(prog="fedms-jax", description=__doc__, formatter_class=_FORMAT)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a job (default: the embedded offline config)")
+    r = sub.add_parser("run", help="run a job (default: the embedded offline config)", description=_RUN,
+                       epilog=_OVERRIDES, formatter_class=_FORMAT)
     r.add_argument("--config", default="embedded", help="built-in config name or a .py file with get_config()")
     r.add_argument("--workdir", default="runs/default", help="where metrics.jsonl is written")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--multihost", action="store_true",
                    help="call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is set)")
-    rep = sub.add_parser("report", help="markdown summary and PNG plots of a run's metrics")
+    rep = sub.add_parser("report", help="markdown summary and PNG plots of a run's metrics", description=_REPORT,
+                         formatter_class=_FORMAT)
     rep.add_argument("workdir")
     rep.add_argument("--out", default=None, help="where to write (default: WORKDIR/report)")
     rep.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
-    pl = sub.add_parser("plan", help="bytes per device of each sharding layout (compiles, runs nothing)")
-    pl.add_argument("--config", default="embedded")
+    pl = sub.add_parser("plan", help="bytes per device of each sharding layout (compiles, runs nothing)",
+                        description=_PLAN, epilog=_OVERRIDES, formatter_class=_FORMAT)
+    pl.add_argument("--config", default="embedded", help="built-in config name or a .py file with get_config()")
     pl.add_argument("--layouts", default="",
                     help="comma-separated CLIENTSxMODEL:STRATEGY (default: every layout of the devices)")
     return p
 
 
 def _error(message: str, status: int) -> int:
-    print(f"fedms-jax: error: {message}", file=sys.stderr)
+    """Prints ``fedms-jax: error: MESSAGE`` as one line (a multi-line message is joined)."""
+    line = "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"fedms-jax: error: {line}", file=sys.stderr)
     return status
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-    rest = [a for a in argv if not a.startswith("--config.")]
-    args = _parser().parse_args(rest)
-    if args.command != "report":
-        from fedms_jax.perf import configure_xla_cpu
+def _user_os_error(e: OSError) -> bool:
+    """Whether an OSError is the user's or the machine's doing (a path that is missing, not a
+    directory, not writable; a full or read-only disk) rather than a bug. The messages of
+    fedms_jax's own FileNotFoundErrors (hub, TFDS, checkpoints) carry no file name."""
+    return isinstance(e, FileNotFoundError) or e.filename is not None or e.errno in _ENVIRONMENT_ERRNOS
 
-        configure_xla_cpu()  # before any backend starts
-    if args.command == "report":
-        from fedms_jax.report import write_report
 
-        try:
-            path = write_report(args.workdir, args.out, tensorboard=args.tensorboard)
-        except (FileNotFoundError, ValueError) as e:
-            return _error(str(e), 1)
-        print(f"report written to {path}")
-        return 0
+def _os_message(e: OSError) -> str:
+    if e.filename is None or type(e).__module__ != "builtins" or e.strerror is None:
+        return str(e)  # fedms_jax's own message (or a subclass's)
+    names = repr(os.fsdecode(e.filename)) + (f" -> {os.fsdecode(e.filename2)!r}" if e.filename2 else "")
+    return f"{names}: {e.strerror}"
+
+
+def _load(name: str) -> ml_collections.ConfigDict:
+    """``load_config`` with the errors of a broken config file as ConfigErrors."""
     try:
-        config = validate(apply_overrides(load_config(args.config), overrides))
+        config = load_config(name)
+    except SyntaxError as e:  # also IndentationError and undecodable source
+        where = f"{e.filename!r} line {e.lineno}" if e.filename else repr(name)
+        raise ConfigError(f"config file {where}: {type(e).__name__}: {e.msg}") from None
+    except OSError as e:  # unreadable file, a directory named *.py, ...
+        raise ConfigError(f"--config {name!r} cannot be read: {_os_message(e)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() of --config {name!r} returned a {type(config).__name__}, "
+                          "not an ml_collections.ConfigDict")
+    return config
+
+
+def _path_problem(path: str, what: str) -> str | None:
+    """Why ``path`` cannot be (created and) written as a directory, or None. Creates nothing."""
+    if os.path.lexists(path) and not os.path.exists(path):
+        return f"{what} {path!r} is a broken symbolic link"
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return f"{what} {path!r} exists and is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{what} {path!r} is not writable"
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{what} {path!r} cannot be created: {parent!r} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{what} {path!r} cannot be created: {parent!r} is not writable"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # before the run's own SIGINT handler (it saves a checkpoint) is installed
+        print("fedms-jax: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: list[str]) -> int:
+    overrides, rest = [], []
+    for i, a in enumerate(argv):
+        if not a.startswith("--config."):
+            rest.append(a)
+            continue
+        item = a[len("--config."):]
+        if "=" not in item:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("-"):
+                return _error(f"{a} {nxt}: write {a}={nxt} (one argument, no space)", 2)
+            return _error(f"{a} needs a value: write {a}=VALUE", 2)
+        overrides.append(item)
+    args = _parser().parse_args(rest)
+    if args.command == "report":
+        return _report(args, overrides)
+    from fedms_jax.perf import configure_xla_cpu
+
+    configure_xla_cpu()  # before any backend starts
+    try:
+        config = validate(apply_overrides(_load(args.config), overrides))
     except ConfigError as e:
         return _error(str(e), 2)
     if args.command == "plan":
-        import jax
-
-        from fedms_jax import plan
-
-        try:
-            layouts = [plan.Layout.parse(t) for t in args.layouts.split(",") if t.strip()]
-        except ValueError as e:
-            return _error(str(e), 2)
-        layouts = layouts or plan.default_layouts(len(jax.devices()))
-        print(f"{len(jax.devices())} {jax.devices()[0].platform} device(s); per device:")
-        print(plan.table(plan.plan(config, layouts)))
-        return 0
+        return _plan(args, config)
+    problem = _path_problem(args.workdir, "--workdir")
+    if problem:
+        return _error(problem, 1)
     from fedms_jax import distributed
 
-    distributed.maybe_initialize(force=args.multihost)
-    from fedms_jax.models.hf import HubUnavailableError
+    try:
+        distributed.maybe_initialize(force=args.multihost, timeout_s=config.multihost.timeout_s)
+    except ValueError as e:  # incomplete JAX_* environment
+        return _error(str(e), 2)
     from fedms_jax.run import Preempted, run  # imports jax; only after the config is known to be valid
 
     try:
         final = run(config, args.workdir, progress=not args.no_progress).metrics
-    except ConfigError as e:
-        return _error(str(e), 2)
     except Preempted as e:
         print(f"fedms-jax: {e}", file=sys.stderr)
         return 128 + e.signum
-    except (FileNotFoundError, HubUnavailableError, DataError) as e:
-        return _error(str(e), 1)
+    except distributed.PeerLost as e:
+        _error(f"{e}; rerun the job to resume from its last checkpoint", 1)
+        # Leaving normally would wait in jax.distributed's shutdown barrier for the dead process
+        # (until the heartbeat timeout, then abort): the job is over, stop now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    except Exception as e:  # noqa: BLE001 - re-raised unless the user caused it
+        return _user_error(e)
     print(
         "done: "
         + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())
         + f"; metrics in {args.workdir}/metrics.jsonl"
     )
+    return 0
+
+
+def _user_error(e: Exception) -> int:
+    """The exit status after printing the one-line error of ``e`` if a user caused it (bad
+    config 2; bad input, checkpoint, hub access or file system 1); otherwise re-raises ``e``
+    (a bug keeps its traceback)."""
+    from fedms_jax.models.hf import CheckpointError, HubUnavailableError
+
+    if isinstance(e, ConfigError):
+        return _error(str(e), 2)
+    if isinstance(e, (HubUnavailableError, CheckpointError, DataError)):
+        return _error(str(e), 1)
+    if isinstance(e, OSError) and _user_os_error(e):
+        return _error(_os_message(e), 1)
+    raise e
+
+
+def _report(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fedms_jax.report import write_report
+
+    if overrides:
+        return _error(f"report takes no --config.KEY=VALUE (got --config.{overrides[0]}); they apply to run and plan", 2)
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        return _error(f"work dir {args.workdir!r} is not a directory", 1)
+    out = args.out or os.path.join(args.workdir, "report")
+    # (once there is a run to report on: a missing metrics.jsonl is the first thing to say)
+    ran = os.path.isfile(os.path.join(args.workdir, "metrics.jsonl"))
+    problem = _path_problem(out, "--out" if args.out else "report dir") if ran else None
+    if problem:
+        return _error(problem, 1)
+    try:
+        path = write_report(args.workdir, args.out, tensorboard=args.tensorboard)
+    except (FileNotFoundError, ValueError) as e:  # no such run; metrics.jsonl empty or not JSON
+        return _error(str(e), 1)
+    except OSError as e:
+        if not _user_os_error(e):
+            raise
+        return _error(_os_message(e), 1)
+    print(f"report written to {path}")
+    return 0
+
+
+def _plan(args: argparse.Namespace, config) -> int:
+    import jax
+
+    from fedms_jax import plan
+    try:
+        layouts = [plan.Layout.parse(t) for t in args.layouts.split(",") if t.strip()]
+    except ValueError as e:
+        return _error(str(e), 2)
+    layouts = layouts or plan.default_layouts(len(jax.devices()))
+    try:
+        rows = plan.plan(config, layouts)
+    except Exception as e:  # noqa: BLE001 - re-raised unless the user caused it
+        return _user_error(e)
+    print(f"{len(jax.devices())} {jax.devices()[0].platform} device(s); per device:")
+    print(plan.table(rows))
     return 0
 
 

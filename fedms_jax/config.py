@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import importlib.util
 import numbers
 import typing
@@ -47,6 +48,8 @@ HEADS = ("linear", "zero_shot")
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adamw")
 SCHEDULES = ("constant", "cosine")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam")
+ACCOUNTANTS = ("rdp", "pld")
+INT64_MAX = 2**63 - 1  # larger integers would overflow inside the run
 PARTITIONS = ("dirichlet", "shards", "iid")
 BACKENDS = ("vmap", "sequential")
 STRATEGIES = ("replicated", "fsdp", "tensor")
@@ -182,9 +185,11 @@ class _Section:
                 lo = f.metadata["lo"]
                 _check(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo, key, v,
                        f"must be an integer >= {lo}")
+                _check(v <= INT64_MAX, key, v, "must be <= 2**63 - 1")
                 v = int(v)
             elif kind is float:  # ints are fine (lr = 1), stored as floats
-                _check(isinstance(v, numbers.Real) and not isinstance(v, bool), key, v, "must be a number")
+                _check(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v), key, v,
+                       "must be a finite number")
                 v = float(v)
             elif kind is bool:
                 _check(isinstance(v, bool), key, v, "must be true or false")
@@ -431,11 +436,51 @@ class ServerConfig(_Section):
 
     _key = "server."
     optimizer: str = "fedavg"  # fedavg (SGD, lr 1) | fedadam
-    lr: float = 1.0  # the server optimizer's learning rate
+    lr: float = 1.0  # the server optimizer's learning rate (FedAdam: typically 1e-3 to 1e-1)
 
     def _validate(self) -> None:
         self._choice("optimizer", SERVER_OPTIMIZERS)
         self._check(self.lr > 0, "lr", "must be > 0")
+        # lr 1 is FedAvg's (the new model is the clients' mean); Adam steps of size 1 per
+        # coordinate throw the model away. Almost always server.lr was left at its default.
+        self._check(not (self.optimizer == "fedadam" and self.lr == 1.0), "lr",
+                    "is FedAvg's server learning rate; with config.server.optimizer = 'fedadam' each Adam step "
+                    "moves every coordinate by up to lr: set config.server.lr (e.g. 0.01)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig(_Section):
+    """User-level differential privacy: DP-FedAvg (McMahan et al. 2018; fedms_jax/privacy.py).
+
+    Each client's upload (every unit it sends, together) is clipped to L2 norm ``clip``; the
+    server adds N(0, (noise_multiplier * clip)^2) to each coordinate of the sum and divides by
+    the number of clients that were asked to train the unit (public, fixed by the cohort). The
+    cohort is a fixed-size uniform sample without replacement. Epsilon at ``delta`` is reported
+    in every metrics line."""
+
+    _key = "dp."
+    clip: float = 0.0  # L2 bound of a client's upload; 0 = no differential privacy
+    noise_multiplier: float = 0.0  # z: the noise's std is z * clip (on the sum)
+    # > 0: calibrate noise_multiplier before the run so that epsilon after all rounds is this
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | pld (dp-accounting's Renyi DP or privacy-loss-distribution accountant)
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip > 0
+
+    def _validate(self) -> None:
+        self._choice("accountant", ACCOUNTANTS)
+        self._check(self.clip >= 0, "clip", "must be >= 0 (0: no differential privacy)")
+        self._check(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
+        self._check(self.target_epsilon >= 0, "target_epsilon", "must be >= 0 (0: use dp.noise_multiplier)")
+        self._check(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        if not self.enabled:
+            self._check(self.noise_multiplier == 0, "noise_multiplier", "needs config.dp.clip > 0 (the noise is z * clip)")
+            self._check(self.target_epsilon == 0, "target_epsilon", "needs config.dp.clip > 0")
+        self._check(not (self.target_epsilon > 0 and self.noise_multiplier > 0), "noise_multiplier",
+                    f"is calibrated from config.dp.target_epsilon = {self.target_epsilon}: set one of the two")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,12 +536,22 @@ class CompileConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class MultihostConfig(_Section):
+    """Jobs of several processes (fedms_jax/distributed.py)."""
+
+    _key = "multihost."
+    # how long a process waits for the others (agreement after each round, the coordination
+    # service's heartbeat): a process that died is noticed within about this long
+    timeout_s: int = _int(300)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config(_Section):
     """A run: the top-level scalars and one section each; checks that span sections live here.
 
     Frozen and hashable; build a variant with ``dataclasses.replace`` (it validates again)."""
 
-    seed: int = _int(0, lo=0)  # every random draw is fold_in(key(seed), round, client)
+    seed: int = _int(0, lo=0)  # every random draw comes from a named stream (seed, purpose, ...): fedms_jax.rng
     algorithm: str = "fedms"  # fedms | fedavg_sal | fedavg | fedprox | fedper | fedrep | ditto | local | finetune
     rounds: int = _int(24)  # all stages together
     stage1_rounds: int = _int(12, lo=0)  # two-stage algorithms (fedms, finetune): rounds of stage 1
@@ -518,6 +573,8 @@ class Config(_Section):
     mesh: MeshConfig = _section(MeshConfig)
     placement: PlacementConfig = _section(PlacementConfig)
     compile: CompileConfig = _section(CompileConfig)
+    dp: DPConfig = _section(DPConfig)
+    multihost: MultihostConfig = _section(MultihostConfig)
 
     def _validate(self) -> None:
         self._choice("algorithm", ALGORITHMS)
@@ -532,6 +589,8 @@ class Config(_Section):
         _check(self.sal.k0 <= trainable or bool(m.pretrained), "sal.k0", self.sal.k0,
                f"must be <= model.layers={m.layers}" if not m.frozen_blocks else
                f"must be <= model.layers - model.frozen_blocks = {m.layers} - {m.frozen_blocks} = {trainable}")
+        _check(not (self.dp.enabled and self.algorithm == "local"), "dp.clip", self.dp.clip,
+               "algorithm='local' sends nothing to the server: there is nothing to privatise")
         chunk = self.placement.chunk_size
         _check(chunk == 0 or self.cohort_size % chunk == 0, "placement.chunk_size", chunk,
                f"must divide cohort_size={self.cohort_size}")

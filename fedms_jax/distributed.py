@@ -8,19 +8,41 @@ coordinator itself; elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port),
 Once initialised, ``jax.devices()`` lists every process's devices, the 'clients' mesh axis spans
 them all, each process computes its share of the cohort, and only process 0 writes metrics
 (checkpoints are written by orbax, which coordinates the processes itself).
+
+Agreement. Decisions that change what every process does next (stop after this round on a
+signal; skip an unreadable checkpoint) are agreed through the coordination service's key-value
+store (``all_gather_ints``): each process posts its value under a key named for the decision
+and reads everyone's, waiting at most ``timeout_s``. A process that died without a word is
+therefore noticed within a bounded time: by the agreement's deadline, by a collective whose
+peer connection broke, or by the coordination service's heartbeat timeout (``timeout_s`` as
+well); each ends as ``PeerLost`` with a message, never a hang.
 """
 from __future__ import annotations
 
 import os
 
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+DEFAULT_TIMEOUT_S = 300
+_timeout_s = DEFAULT_TIMEOUT_S  # set by maybe_initialize
+_calls = 0  # all_gather_ints calls so far (the same sequence on every process)
+_previous: str | None = None  # this process's key of the previous call (deleted once all have read it)
+_TRANSPORT_WORDS = ("Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "UNAVAILABLE",
+                    "DEADLINE_EXCEEDED", "heartbeat")
 
 
-def maybe_initialize(force: bool = False) -> bool:
+class PeerLost(RuntimeError):
+    """Another process of a multi-process job stopped answering (died, was killed, or hangs)."""
+
+
+def maybe_initialize(force: bool = False, timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
     """Initialises ``jax.distributed`` if ``force`` or ``JAX_COORDINATOR_ADDRESS`` is set.
 
-    Returns whether it did. Must run before any other JAX call.
+    ``timeout_s``: how long a process waits for the others at an agreement point, and the
+    coordination service's heartbeat timeout (a process silent that long is declared dead).
+    Returns whether it initialised. Must run before any other JAX call.
     """
+    global _timeout_s
+    _timeout_s = int(timeout_s)
     if not force and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return False
     import jax
@@ -37,5 +59,72 @@ def maybe_initialize(force: bool = False) -> bool:
         )
     # Only the CPU client reads this; asking for the backend here would start it too early.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=_timeout_s,
+                               shutdown_timeout_seconds=_timeout_s)
     return True
+
+
+def timeout_s() -> int:
+    """The agreement timeout in seconds (``maybe_initialize``'s)."""
+    return _timeout_s
+
+
+def _client():
+    from jax._src import distributed  # the coordination-service client orbax uses too
+
+    return distributed.global_state.client
+
+
+def all_gather_ints(name: str, value: int) -> list[int]:
+    """Every process's ``value`` for the decision ``name`` (e.g. ``'preempt/<round>'``), in
+    process order; ``[value]`` in a single-process run. Every process makes the same sequence of
+    calls (the program is the same on each), so the n-th call's keys are the same everywhere and
+    never reused, also when a process runs several jobs. Raises ``PeerLost`` if a process has
+    not posted its value within ``timeout_s()``."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [int(value)]
+    global _calls
+    _calls += 1
+    prefix = f"fedms_jax/{_calls}/{name}"
+    client = _client()
+    client.key_value_set(f"{prefix}/{jax.process_index()}", str(int(value)))
+    out = []
+    for p in range(jax.process_count()):
+        try:
+            out.append(int(client.blocking_key_value_get(f"{prefix}/{p}", _timeout_s * 1000)))
+        except Exception as e:  # noqa: BLE001 - the client raises a runtime error on its deadline
+            raise PeerLost(f"process {p} did not reach {name!r} within {_timeout_s} s ({_first_line(e)})") from None
+    global _previous
+    if _previous is not None:  # every process has read it: all of them have posted this call's
+        client.key_value_delete(_previous)
+    _previous = f"{prefix}/{jax.process_index()}"
+    return out
+
+
+def agree_all(name: str, flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (all processes get the same answer)."""
+    return all(all_gather_ints(name, int(bool(flag))))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def lost_peer_error(e: BaseException) -> PeerLost | None:
+    """The ``PeerLost`` a runtime error of a multi-process job stands for (a collective whose
+    connection to another process broke, or the coordination service reporting a dead task),
+    or None when ``e`` is something else or the job has one process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    # XLA's runtime errors (and the ValueError a multi-process device_put's check raises) from a
+    # transport (gloo on CPU, NCCL on GPU) whose peer went away, or the coordination service
+    # reporting a task gone; an out-of-memory, a compile error or a bug stays what it is.
+    text = str(e)
+    if not isinstance(e, (jax.errors.JaxRuntimeError, ValueError)) or not any(w in text for w in _TRANSPORT_WORDS):
+        return None
+    return PeerLost(f"a collective with another process failed ({_first_line(e)}): that process probably died")

@@ -77,7 +77,7 @@ def plan(config: Config, layouts: list[Layout]) -> list[dict]:
             mesh = sharding.make_mesh(layout.clients, layout.model)
             engine = Engine(algorithm, base.backbone, base.data, seed=config.seed,
                             placement=Vmap(mesh, axes=sharding.client_axes(layout.strategy)),
-                            strategy=layout.strategy, eval_clients=config.eval_clients)
+                            strategy=layout.strategy, eval_clients=config.eval_clients, tiers=base.tiers, dp=base.dp)
         except ValueError as e:
             rows.append({**row, "error": str(e)})
             continue

@@ -9,7 +9,11 @@ absent for algorithms without one: ``local``, ``fedper``) and ``gate_local_weigh
 stage 2: the gate's mean weight on the local expert over all test examples). With budget tiers
 (``sal.budgets``) the cohort is drawn tier-major by ``budgets.ResourceModel``, ``bytes_*`` sum
 each tier's clients at its level ``min(k, b)``, and ``loss_b<b>`` is the loss of the tier of
-budget b.
+budget b. With DP (``dp.*``): ``epsilon`` (at ``dp.delta`` after the noisy aggregates so far;
+null without noise), ``dp_rounds``, ``dp_noise_multiplier``, ``dp_update_norm`` (mean norm of
+the uploads before clipping) and ``dp_clipped`` (the fraction clipped). Epsilon covers what the
+server releases (the aggregates, hence the models); the metrics themselves are computed from the
+clients' raw data and are not privatised.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from fedms_jax import compiling, perf, sal
+from fedms_jax import compiling, distributed, perf, privacy, rng, sal
 from fedms_jax.budgets import ResourceModel
 from fedms_jax.algorithms import Algorithm, Settings, make_algorithm
 from fedms_jax.builders import build_expert, client_optimizer, lr_scale, split_frozen
@@ -45,6 +49,7 @@ from fedms_jax.federated.rounds import Engine, sample_cohort
 from fedms_jax.federated.server import server_optimizer
 from fedms_jax.federated.sharding import client_axes, client_devices, make_mesh
 from fedms_jax.federated.types import ClientStates, Phase, ServerState
+from fedms_jax.rng import Stream
 
 PyTree = Any
 
@@ -53,12 +58,12 @@ def partition_clients(config: Config, train: Dataset, test: Dataset) -> tuple[li
     """Train parts by the configured partitioner; test parts following each client's labels."""
     d, seed = config.data, config.seed
     if d.partition == "dirichlet":
-        parts = partition.dirichlet(train.labels, d.num_clients, d.alpha, seed, d.min_examples)
+        parts = partition.dirichlet(train.labels, d.num_clients, d.alpha, rng.numpy_seed(seed, Stream.PARTITION), d.min_examples)
     elif d.partition == "shards":
-        parts = partition.shards(train.labels, d.num_clients, d.shards_per_client, seed)
+        parts = partition.shards(train.labels, d.num_clients, d.shards_per_client, rng.numpy_seed(seed, Stream.PARTITION))
     else:
-        parts = partition.iid(len(train), d.num_clients, seed)
-    return parts, partition.split_test_like(train.labels, parts, test.labels, seed)
+        parts = partition.iid(len(train), d.num_clients, rng.numpy_seed(seed, Stream.PARTITION))
+    return parts, partition.split_test_like(train.labels, parts, test.labels, rng.numpy_seed(seed, Stream.TEST_SPLIT))
 
 
 def make_run_mesh(config: Config):
@@ -116,6 +121,7 @@ class Experiment:
     backbone_params: int = 0
     stem: FrozenStem | None = None
     resources: ResourceModel | None = None  # budget tiers (``sal.budgets``); None: no budgets
+    accountant: privacy.Accountant | None = None  # DP-FedAvg's (``dp.*``); None: no DP
 
     @property
     def settings(self) -> Settings:
@@ -131,7 +137,7 @@ class Experiment:
 
     def init_states(self) -> tuple[ServerState, ClientStates]:
         """The initial (server, client) states from the run's init key, placed on the mesh."""
-        key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
+        key = rng.key(self.config.seed, Stream.INIT)
         # One program (op by op, every small initialisation op would be a compile of its own).
         init = jax.jit(self.algorithm.init, static_argnums=1, out_shardings=replicated(self.engine.mesh))
         return init(key, self.config.data.num_clients)
@@ -179,12 +185,11 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
     """
     config = validate(config)
     if datasets is None:
-        datasets = load_dataset(config.data.name, config.data.data_dir or None, seed=config.seed,
+        datasets = load_dataset(config.data.name, config.data.data_dir or None, seed=rng.numpy_seed(config.seed, Stream.DATA),
                                 image_size=config.data.image_size)
     train, test = datasets
-    # Distinct streams for the two subsets (and from the partition's, which uses the bare seed).
-    train = subsample(train, config.data.train_examples, seed=[config.seed, 1])
-    test = subsample(test, config.data.test_examples, seed=[config.seed, 2])
+    train = subsample(train, config.data.train_examples, seed=rng.numpy_seed(config.seed, Stream.SUBSAMPLE, 0))
+    test = subsample(test, config.data.test_examples, seed=rng.numpy_seed(config.seed, Stream.SUBSAMPLE, 1))
     parts, test_parts = partition_clients(config, train, test)
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
@@ -195,8 +200,7 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         )
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(f"train images are {train.images.shape[1:]} but test images {test.images.shape[1:]}")
-    seed_key = jax.random.key(config.seed)
-    built = build_expert(config, train.class_names, jax.random.fold_in(seed_key, 0))
+    built = build_expert(config, train.class_names, rng.key(config.seed, Stream.BACKBONE))
     depth, frozen = built.expert.num_layers, config.model.frozen_blocks
     if frozen >= depth:  # a pretrained backbone's depth is known only now
         raise ConfigError(f"config.model.frozen_blocks = {frozen}: must be < the {depth} blocks of "
@@ -229,6 +233,7 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         lr_scale=lr_scale(config),
     )
     algorithm = make_algorithm(config, settings)
+    accountant = make_accountant(config, resources, log)
     if mesh is None:
         mesh = make_run_mesh(config)
     spec = expert.spec
@@ -250,14 +255,40 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         placement=make_placement(config.placement.backend, mesh, chunk, config.mesh.strategy), strategy=config.mesh.strategy, eval_clients=config.eval_clients, eval_batch=config.eval_batch,
         tiers=resources.tiers if resources is not None else None,
         compile_threads=(config.compile.threads or compiling.default_threads()) if config.compile.ahead else 0,
+        dp=(config.dp.clip, accountant.noise_multiplier) if accountant is not None else None,
     )
     client_test, test_images, test_labels = engine.place(
         (stack_clients(test, test_parts, test_inputs), np.asarray(test_inputs), np.asarray(test.labels)))
     return Experiment(
         config=config, train=train, test=test, parts=parts, test_parts=test_parts, algorithm=algorithm,
         engine=engine, client_test=client_test, test_images=test_images, test_labels=test_labels,
-        backbone_params=backbone_params, stem=stem, resources=resources,
+        backbone_params=backbone_params, stem=stem, resources=resources, accountant=accountant,
     )
+
+
+def make_accountant(config: Config, resources: ResourceModel | None, log: Callable[[str], None] | None = None):
+    """DP-FedAvg's accountant (``privacy.Accountant``) for ``config.dp``, or None without DP.
+
+    The cohort is a fixed-size uniform sample without replacement: of all clients, or with
+    static budget tiers of each tier's clients (a client is in one tier). With
+    ``dp.target_epsilon`` the noise multiplier is calibrated here for ``config.rounds`` rounds."""
+    dp = config.dp
+    if not dp.enabled:
+        return None
+    if resources is not None and resources.mode == "static":
+        groups = list(zip(resources.population, resources.tiers.counts))
+    else:
+        groups = [(config.data.num_clients, config.cohort_size)]
+    z = dp.noise_multiplier
+    if dp.target_epsilon > 0:
+        try:
+            z = privacy.calibrate_noise_multiplier(dp.target_epsilon, dp.delta, config.rounds, groups, dp.accountant)
+        except ValueError as e:
+            raise ConfigError(f"config.dp.target_epsilon = {dp.target_epsilon}: {e}") from None
+        if log is not None:
+            log(f"dp: noise multiplier {z:.4f} gives epsilon <= {dp.target_epsilon} at delta {dp.delta} "
+                f"after {config.rounds} rounds ({dp.accountant})")
+    return privacy.Accountant(z, groups, dp.delta, dp.accountant)
 
 
 def personalized_metrics(per_client: dict[str, np.ndarray]) -> dict[str, float]:
@@ -383,7 +414,7 @@ class Checkpointing(Callback):
         """Saves after ``end`` (once: a second call for the same round only waits, if asked)."""
         if end.done != self.saved:
             state = {"server": end.server, "clients": end.clients}
-            self.checkpointer.save(end.done, state, self.meta(end.done))
+            self.checkpointer.save(end.done, state, self.meta(end))
             self.saved = end.done
         if wait:
             self.checkpointer.wait()
@@ -399,18 +430,25 @@ class Checkpointing(Callback):
 class Preempted(Exception):
     """The run stopped on a signal after saving a checkpoint; exit with ``128 + signum``."""
 
-    def __init__(self, signum: int, rounds_done: int, directory: Path) -> None:
+    def __init__(self, signum: int, rounds_done: int, directory: Path, processes: tuple[int, ...] = ()) -> None:
         self.signum, self.rounds_done, self.directory = signum, rounds_done, directory
         name = signal.Signals(signum).name
+        where = f" (on process {', '.join(map(str, processes))})" if processes else ""
         super().__init__(
-            f"caught {name}: saved the state after round {rounds_done} to {directory}; "
+            f"caught {name}{where}: saved the state after round {rounds_done} to {directory}; "
             "rerun the same command to resume"
         )
 
 
 class Preemption(Callback):
     """Records SIGTERM/SIGINT instead of dying; after the round in flight, saves a checkpoint
-    (waiting for it) and raises ``Preempted``."""
+    (waiting for it) and raises ``Preempted``.
+
+    In a job of several processes the decision is agreed after every round
+    (``distributed.all_gather_ints``: one key-value exchange through the coordination service),
+    so when only one process is signalled (one VM of a slice reclaimed) every process saves the
+    same round, together (orbax's save is collective), and stops with the same signal number.
+    """
 
     def __init__(self, checkpointing: Checkpointing, signums=(signal.SIGTERM, signal.SIGINT)) -> None:
         self.checkpointing, self.signums = checkpointing, signums
@@ -422,9 +460,12 @@ class Preemption(Callback):
             self._previous = {s: signal.signal(s, lambda signum, frame: self.caught.append(signum)) for s in self.signums}
 
     def on_round(self, end):
-        if self.caught:
+        signums = distributed.all_gather_ints(f"preempt/{end.round}", self.caught[0] if self.caught else 0)
+        signum = next((s for s in signums if s), 0)
+        if signum:
             self.checkpointing.save(end, wait=True)
-            raise Preempted(self.caught[0], end.done, self.checkpointing.checkpointer.directory)
+            caught = tuple(p for p, s in enumerate(signums) if s) if len(signums) > 1 else ()
+            raise Preempted(signum, end.done, self.checkpointing.checkpointer.directory, caught)
 
     def on_end(self):
         for s, handler in self._previous.items():
@@ -497,14 +538,25 @@ class RunResult:
     experiment: Experiment
 
 
-def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, start: int, callbacks: list[Callback]):
+def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, start: int, callbacks: list[Callback],
+               ledger: dict | None = None):
     """Rounds ``start .. config.rounds - 1``: sample, run, evaluate when due, hand each round's
-    record to the callbacks. -> (last record, server, clients)."""
+    record to the callbacks. ``ledger``: the DP accountant's ledger of the checkpoint resumed
+    from (checked against the rounds before ``start``). -> (last record, server, clients)."""
     config, engine, algorithm = exp.config, exp.engine, exp.algorithm
     # A round's bytes depend only on the phase (the trees' shapes; with budgets each tier's
     # level): computed once per phase.
     bytes_per_phase = {p: accounting.round_bytes(engine, server, clients, p, config.cohort_size)
                        for p in algorithm.phases(config.rounds)}
+    # DP: each round that uploads something releases one noisy aggregate (what the accountant composes).
+    releases = lambda t: sum(bytes_per_phase[algorithm.phase(r)][1] > 0 for r in range(t))
+    if ledger is not None:
+        now = {**exp.accountant.as_dict(), "rounds": releases(start)} if exp.accountant is not None else {}
+        changed = sorted(k for k in set(ledger) | set(now) if ledger.get(k) != now.get(k))
+        if changed:  # e.g. another dp-accounting calibrated another noise multiplier
+            k = changed[0]
+            raise ConfigError(f"the checkpoint's DP ledger has {k} = {ledger.get(k)!r}, this run {now.get(k)!r}: "
+                              "refusing to resume with another mechanism or a wrong epsilon")
     record: dict = {}
     with contextlib.ExitStack() as stack:  # every on_end runs, in reverse, even if one raises
         for cb in callbacks:
@@ -523,6 +575,11 @@ def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, star
                 "cohort": len(cohort), "bytes_up": up, "bytes_down": down,
                 "seconds": seconds, **metrics,
             }
+            if exp.accountant is not None:
+                record["dp_noise_multiplier"] = exp.accountant.noise_multiplier
+                record["dp_rounds"] = releases(t + 1)
+                eps = exp.accountant.epsilon(releases(t + 1))
+                record["epsilon"] = eps if np.isfinite(eps) else None  # None: no noise, no guarantee
             if exp.evaluates(t):
                 record.update(exp.evaluate(server, clients, phase))
             end = RoundEnd(t, phase, record, server, clients)
@@ -548,6 +605,11 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True, mesh=None
     try:
         return _run(config, workdir, progress=progress, mesh=mesh, callbacks=callbacks, began=began,
                     compile_log=compile_log)
+    except (jax.errors.JaxRuntimeError, ValueError) as e:
+        lost = distributed.lost_peer_error(e)
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         compile_log.__exit__()
 
@@ -574,26 +636,29 @@ def _run_built(exp: Experiment, workdir: Path, *, progress: bool, callbacks, beg
     server, clients = exp.init_states()
     built = time.perf_counter()
     primary = jax.process_index() == 0
-    start = 0
+    start, ledger = 0, None
     restored = checkpointer.restore_latest({"server": server, "clients": clients}, config)
     if restored is not None:
-        start, state, _ = restored
+        start, state, saved_meta = restored
+        ledger = saved_meta.get("dp")
         server, clients = exp.engine.place((state["server"], state["clients"]))
     if progress and primary:
         print(partition.summary(exp.train.labels, exp.parts, exp.train.num_classes))
         if restored is not None:
             print(f"resuming {workdir} after round {start} of {config.rounds}")
-    meta = lambda done: {
+    meta = lambda end: {
         "config": config_fingerprint(config),
-        "next_phase": list(dataclasses.astuple(exp.algorithm.phase(min(done, config.rounds - 1)))),
-        "rng": {"seed": config.seed, "recipe": "fold_in(fold_in(key(seed), round), client)"},
+        "next_phase": list(dataclasses.astuple(exp.algorithm.phase(min(end.done, config.rounds - 1)))),
+        "rng": {"seed": config.seed, "recipe": rng.RECIPE},
+        # DP: the accountant's ledger (its parameters and the noisy aggregates released so far)
+        **({"dp": {**exp.accountant.as_dict(), "rounds": end.record["dp_rounds"]}} if exp.accountant is not None else {}),
     }
     checkpointing = Checkpointing(checkpointer, meta)
     # Preemption goes last: every other callback sees the round before it saves and stops the run.
     timing = StartupTiming(workdir / "timing.json", primary, began, built, compile_log)
     loop_callbacks = [MetricsWriter(workdir / "metrics.jsonl", primary), ProgressBar(progress and primary),
                       checkpointing, timing, *callbacks, Preemption(checkpointing)]
-    record, server, clients = train_loop(exp, server, clients, start, loop_callbacks)
+    record, server, clients = train_loop(exp, server, clients, start, loop_callbacks, ledger=ledger)
     if not record and start:  # nothing left to run: report the last line written
         lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []
         record = json.loads(lines[-1]) if lines else {}

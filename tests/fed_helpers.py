@@ -15,6 +15,9 @@ TINY = [
 ]
 
 
+DP = ("dp.clip=0.05", "dp.noise_multiplier=1.0")  # DP-FedAvg that clips every update and adds noise
+
+
 def tiny_config(*extra: str):
     return validate(apply_overrides(load_config("embedded"), TINY + list(extra)))
 

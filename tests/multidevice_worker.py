@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fed_helpers import evaluation, flat, run_experiment, tiny_config
+from fed_helpers import DP, evaluation, flat, run_experiment, tiny_config
 from fedms_jax.federated import placement
 from fedms_jax.federated.types import ClientOutput
 
@@ -36,10 +36,13 @@ def probe_fn(x):
 
 
 x = jax.device_put(jnp.arange(8.0 * 3).reshape(8, 3), placement.clients_sharding(engine.mesh))
+# DP-FedAvg: the server's noise is drawn once (replicated), the same as on one device.
+_, dp_server, _, _ = run_experiment(tiny_config(*DP), 1)
 m = probe_fn(x)
 np.savez(
     sys.argv[1],
     trainable=flat(server.trainable),
+    dp_trainable=flat(dp_server.trainable),
     num_devices=len(jax.devices()),
     cohort_shards=len({s.device for s in m.addressable_shards if s.data.shape[0] == 1}),
     eval_shards=len({s.device for s in personal["correct"].addressable_shards if s.data.shape[0] == 1}),

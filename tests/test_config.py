@@ -104,7 +104,7 @@ def test_int_checks_name_key_and_value():
 
 
 def test_type_checks_name_key_and_value():
-    with _raises("config.client.lr = 'fast': must be a number"):
+    with _raises("config.client.lr = 'fast': must be a finite number"):
         Config.from_dict({"client": {"lr": "fast"}})
     with _raises("config.model.tune_head = 1: must be true or false"):
         Config.from_dict({"model": {"tune_head": 1}})
@@ -151,3 +151,12 @@ def test_fingerprint_of_the_embedded_config_is_unchanged():
     assert config_fingerprint(validate(cd)) == before
     assert json.dumps(config_fingerprint(validate(cd))) == json.dumps(before)
     assert config_changes(before, validate(cd)) == []
+
+
+def test_fedadam_with_fedavgs_server_lr_is_an_error_naming_both_keys():
+    from fed_helpers import tiny_config
+
+    with pytest.raises(ConfigError) as e:
+        tiny_config("server.optimizer=fedadam")
+    assert "config.server.lr = 1.0" in str(e.value) and "config.server.optimizer = 'fedadam'" in str(e.value)
+    assert tiny_config("server.optimizer=fedadam", "server.lr=0.01").server.lr == 0.01

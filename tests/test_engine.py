@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from fed_helpers import evaluation, flat, run_experiment, run_rounds, tiny_config
+from fed_helpers import DP, evaluation, flat, run_experiment, run_rounds, tiny_config
 
 HERE = Path(__file__).parent
 
@@ -104,6 +104,8 @@ def test_eight_devices_match_one_device(tmp_path, vmap_two_rounds):
     assert int(got["num_devices"]) == 8
     assert int(got["cohort_shards"]) == 8  # the cohort's client axis is split over 8 devices
     np.testing.assert_allclose(got["trainable"], ref, atol=1e-5)
+    _, dp_server, _, _ = run_experiment(tiny_config(*DP), 1)
+    np.testing.assert_allclose(got["dp_trainable"], flat(dp_server.trainable), atol=1e-5)
     # Evaluation runs through the same placement: split over the 8 devices, same results.
     assert int(got["eval_shards"]) == 8
     evals = vmap_two_rounds[3]

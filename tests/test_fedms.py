@@ -182,11 +182,14 @@ def test_fedms_beats_fedavg_personalized_under_label_skew(tmp_path):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_runs_from_the_command_line(tmp_path, algorithm, capsys):
+    """Every algorithm runs (with DP-FedAvg where something is aggregated: what is uploaded is
+    clipped and noised, whatever the algorithm)."""
     from fedms_jax.cli import main
 
-    from fed_helpers import TINY
+    from fed_helpers import DP, TINY
 
-    args = [f"--config.{o}" for o in TINY] + [f"--config.algorithm={algorithm}", "--config.stage1_rounds=1"]
+    dp = [f"--config.{o}" for o in DP] if algorithm != "local" else []
+    args = [f"--config.{o}" for o in TINY] + [f"--config.algorithm={algorithm}", "--config.stage1_rounds=1", *dp]
     assert main(["run", "--workdir", str(tmp_path), "--no-progress", *args]) == 0
     import json
 
@@ -196,6 +199,9 @@ def test_every_algorithm_runs_from_the_command_line(tmp_path, algorithm, capsys)
     assert ("accuracy" in lines[-1]) == (algorithm not in ("local", "fedper", "fedrep"))
     if algorithm == "local":
         assert all(l["bytes_up"] == 0 == l["bytes_down"] for l in lines)
+    else:  # one noisy aggregate per round that uploads something; epsilon grows with them
+        assert [l["dp_rounds"] for l in lines] == list(np.cumsum([l["bytes_up"] > 0 for l in lines]))
+        assert lines[-1]["dp_rounds"] >= 1 and lines[-1]["epsilon"] >= lines[0]["epsilon"] > 0
     assert "done:" in capsys.readouterr().out
 
 

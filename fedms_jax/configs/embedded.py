@@ -125,4 +125,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.compile.threads = 0  # 0 = auto (half the host's cores, 1 to 8)
     c.compile.cache = True  # persistent compilation cache: a repeated or resumed run compiles nothing
     c.compile.cache_dir = ""  # "" = $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/fedms_jax/jax
+
+    # User-level differential privacy, DP-FedAvg (fedms_jax/privacy.py): each client's upload
+    # clipped to L2 norm `clip`, N(0, (noise_multiplier * clip)^2) added to the server's sum;
+    # epsilon at `delta` in every metrics line. clip = 0: off.
+    c.dp = ml_collections.ConfigDict()
+    c.dp.clip = 0.0
+    c.dp.noise_multiplier = 0.0
+    c.dp.target_epsilon = 0.0  # > 0: calibrate noise_multiplier to reach this epsilon after all rounds
+    c.dp.delta = 1e-5
+    c.dp.accountant = "rdp"  # rdp | pld (dp-accounting)
+
+    c.multihost = ml_collections.ConfigDict()
+    c.multihost.timeout_s = 300  # a process that died is noticed within about this long
     return c

@@ -19,6 +19,7 @@ before anything compiles.
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -56,8 +57,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
         raise DataError(f"{path}: IDX header declares {ndim} dimensions but the file has {len(raw)} bytes")
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", ndim, offset=4))
-    want = int(np.prod(dims)) * np.dtype(IDX_DTYPES[code]).itemsize
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))  # unsigned: never negative
+    want = math.prod(dims) * np.dtype(IDX_DTYPES[code]).itemsize  # Python ints: no overflow
     if len(raw) - header != want:
         raise DataError(
             f"{path}: IDX header says shape {dims} ({want} data bytes) but the file holds "
@@ -109,6 +110,8 @@ def load_idx(data_dir: str | Path) -> tuple[Dataset, Dataset]:
             raise DataError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
         if len(images) == 0:
             raise DataError(f"{images_path} holds no images")
+        if min(images.shape[1:]) < 1:
+            raise DataError(f"{images_path}: images must be at least 1x1 pixels, the header says {images.shape}")
         arrays[split] = (images[..., None], labels.astype(np.int32))
     if arrays["train"][0].shape[1:] != arrays["t10k"][0].shape[1:]:
         raise DataError(f"train images are {arrays['train'][0].shape[1:3]} but t10k images {arrays['t10k'][0].shape[1:3]}")
@@ -120,6 +123,7 @@ def load_idx(data_dir: str | Path) -> tuple[Dataset, Dataset]:
 def _read_image(path: Path, image_size: int):
     from PIL import Image, UnidentifiedImageError
 
+    bomb = Image.DecompressionBombError  # more pixels than PIL will decode
     try:
         with Image.open(path) as im:
             im.load()
@@ -136,7 +140,7 @@ def _read_image(path: Path, image_size: int):
             return np.asarray(im, np.uint8)
     except DataError:
         raise
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, bomb) as e:
         raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
 
 
@@ -146,7 +150,7 @@ def _folder_split(split_dir: Path, classes: tuple[str, ...], image_size: int) ->
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue  # a test split may lack some classes
-        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in _listdir(class_dir) if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"class folder {class_dir} has no images ({'/'.join(IMAGE_SUFFIXES)})")
         for f in files:
@@ -154,6 +158,13 @@ def _folder_split(split_dir: Path, classes: tuple[str, ...], image_size: int) ->
             labels.append(label)
             paths.append(f)
     return images, labels, paths
+
+
+def _listdir(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError as e:  # e.g. no read permission
+        raise DataError(f"{directory}: cannot list it ({type(e).__name__}: {e.strerror or e})") from e
 
 
 def load_image_folder(root: str | Path, image_size: int = 0) -> tuple[Dataset, Dataset]:
@@ -171,10 +182,10 @@ def load_image_folder(root: str | Path, image_size: int = 0) -> tuple[Dataset, D
     for s, d in splits.items():
         if not d.is_dir():
             raise DataError(f"image folder {root} has no {s}/ sub-directory")
-    classes = tuple(sorted(p.name for p in splits["train"].iterdir() if p.is_dir()))
+    classes = tuple(sorted(p.name for p in _listdir(splits["train"]) if p.is_dir()))
     if len(classes) < 2:
         raise DataError(f"{splits['train']} must hold one sub-directory per class (at least 2), found {list(classes)}")
-    unknown = sorted(p.name for p in splits["test"].iterdir() if p.is_dir() and p.name not in classes)
+    unknown = sorted(p.name for p in _listdir(splits["test"]) if p.is_dir() and p.name not in classes)
     if unknown:
         raise DataError(f"{splits['test']} has class folders {unknown} that {splits['train']} lacks")
     loaded = {s: _folder_split(d, classes, image_size) for s, d in splits.items()}

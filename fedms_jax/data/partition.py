@@ -3,14 +3,26 @@
 Every partitioner is seeded and deterministic, assigns every example to exactly one client, and
 returns a list of sorted index arrays (one per client). ``split_test_like`` partitions the test
 set so each client's test split follows that client's training label distribution.
+
+A partition that cannot be made (more clients, times what each must get, than examples) is a
+``PartitionError`` naming the ``data.*`` keys and their values, raised before anything is drawn.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from fedms_jax.data.sources import DataError
+
+
+class PartitionError(DataError):
+    """The configured partition cannot be made from the training set (a ``DataError``, so a
+    ``ValueError`` too): too many clients for its examples, or a bad partition parameter."""
 
 
 def iid(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:
-    _check_clients(num_clients, num_examples)
+    _check_clients(num_clients, num_examples, partition="iid")
     perm = np.random.default_rng(seed).permutation(num_examples)
     return [np.sort(p) for p in np.array_split(perm, num_clients)]
 
@@ -30,8 +42,8 @@ def dirichlet(
     ``min_examples``; failing that, the smallest clients are topped up with random examples
     from the largest, so the minimum is guaranteed whenever ``clients * min <= examples``.
     """
-    if not alpha > 0:
-        raise ValueError(f"data.alpha must be > 0, got {alpha!r}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise PartitionError(f"data.alpha = {alpha!r}: must be a finite number > 0 (data.partition='dirichlet')")
     _check_clients(num_clients, len(labels), min_examples)
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
@@ -64,9 +76,15 @@ def shards(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: 
     """Pathological non-IID (McMahan et al.): sort by label, cut into ``num_clients * c`` shards,
     deal ``c`` random shards to each client."""
     if classes_per_client < 1:
-        raise ValueError(f"data.shards_per_client must be >= 1, got {classes_per_client}")
+        raise PartitionError(f"data.shards_per_client = {classes_per_client!r}: must be >= 1")
+    _check_clients(num_clients, len(labels), partition="shards")
     n_shards = num_clients * classes_per_client
-    _check_clients(n_shards, len(labels))
+    if n_shards > len(labels):
+        raise PartitionError(
+            f"data.num_clients = {num_clients} clients x data.shards_per_client = {classes_per_client} "
+            f"shards each = {n_shards} shards, but the training set has {len(labels)} examples (at "
+            f"least one per shard): lower data.num_clients or data.shards_per_client"
+        )
     rng = np.random.default_rng(seed)
     order = np.argsort(labels, kind="stable")
     pieces = np.array_split(order, n_shards)
@@ -120,11 +138,21 @@ def summary(labels: np.ndarray, parts: list[np.ndarray], num_classes: int | None
     return "\n".join(lines)
 
 
-def _check_clients(num_clients: int, num_examples: int, min_examples: int = 1) -> None:
-    if not isinstance(num_clients, int) or num_clients < 1:
-        raise ValueError(f"data.num_clients must be a positive integer, got {num_clients!r}")
-    if num_clients * min_examples > num_examples:
-        raise ValueError(
-            f"data.num_clients={num_clients} x min_examples={min_examples} exceeds the "
-            f"{num_examples} training examples"
+def _check_clients(num_clients: int, num_examples: int, min_examples: int = 1, partition: str = "dirichlet") -> None:
+    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+        raise PartitionError(f"data.num_clients = {num_clients!r}: must be a positive integer")
+    if partition == "dirichlet":
+        if isinstance(min_examples, bool) or not isinstance(min_examples, (int, np.integer)) or min_examples < 1:
+            raise PartitionError(f"data.min_examples = {min_examples!r}: must be a positive integer")
+        if num_clients * min_examples > num_examples:
+            # "num_clients=N x min_examples=M": the short form tests and users grep for.
+            raise PartitionError(
+                f"data.num_clients={num_clients} x min_examples={min_examples}: {num_clients} clients need "
+                f"at least data.min_examples = {min_examples} examples each ({num_clients * min_examples} in "
+                f"all), but the training set has {num_examples}: lower data.num_clients or data.min_examples"
+            )
+    elif num_clients > num_examples:
+        raise PartitionError(
+            f"data.num_clients = {num_clients} clients need at least one example each "
+            f"(data.partition={partition!r}), but the training set has {num_examples}: lower data.num_clients"
         )

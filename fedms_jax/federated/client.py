@@ -31,13 +31,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedms_jax import rng
+from fedms_jax.rng import Stream
 from fedms_jax.federated.types import ClientOutput, Features, Phase, join_units, split_units
 
 PyTree = Any
-HOLDOUT_STREAM = 0x484F4C44  # fold_in data for a client's held-out split and held-out batches ("HOLD")
-EPOCH_STREAM = 0x45504F43  # fold_in data for a round's per-epoch orders ("EPOC")
-BATCH_STREAM = 0x42415443  # fold_in data for a round's batches drawn with replacement ("BATC")
-DROPOUT_STREAM = 0x44524F50  # fold_in data for the steps' dropout keys ("DROP")
 OPT = "opt"  # the client-state entry holding persistent optimizer states
 
 
@@ -105,7 +103,7 @@ def uses_cache(settings, max_examples: int) -> bool:
 
 def dropout_key(key: jax.Array, i: jax.Array) -> jax.Array:
     """Step i's dropout key."""
-    return jax.random.fold_in(jax.random.fold_in(key, DROPOUT_STREAM), i)
+    return rng.sub(key, Stream.CLIENT_DROPOUT, i)
 
 
 class Sampler:
@@ -116,8 +114,8 @@ class Sampler:
     ``count - held`` its training examples. Without a held-out slice the order is the identity.
 
     The round's draws are made once, before the steps, from streams of the client's round key:
-    every step's batch with replacement (``BATCH_STREAM``, [steps, B]), or one order per epoch
-    (``EPOCH_STREAM``, [E, max_n]), and every step's held-out batch (``HOLDOUT_STREAM``); a step
+    every step's batch with replacement (``CLIENT_BATCH``, [steps, B]), or one order per epoch
+    (``CLIENT_EPOCH``, [E, max_n]), and every step's held-out batch (``CLIENT_HOLDOUT``); a step
     reads its row. (Drawing inside the step loop put a hash per draw into the loop body.)
     """
 
@@ -129,15 +127,14 @@ class Sampler:
         self.order = random_order(split_key, count, max_n) if self.has_held else None
         self.per_epoch = -(-max_n // self.b)
         steps = num_steps(settings, max_n)
-        fold = lambda stream: jax.random.fold_in(key, stream)
         if self.epochs:
-            keys = jax.vmap(lambda e: jax.random.fold_in(fold(EPOCH_STREAM), e))(jnp.arange(self.epochs))
+            keys = jax.vmap(lambda e: rng.sub(key, Stream.CLIENT_EPOCH, e))(jnp.arange(self.epochs))
             perms = jax.vmap(lambda k: random_order(k, self.train, max_n))(keys)
             self._orders = jnp.pad(perms, ((0, 0), (0, self.per_epoch * self.b - max_n)))  # [E, per_epoch * B]
         else:
-            self._draws = uniform_ints(fold(BATCH_STREAM), (steps, self.b), self.train)  # [steps, B]
+            self._draws = uniform_ints(rng.sub(key, Stream.CLIENT_BATCH), (steps, self.b), self.train)  # [steps, B]
         if self.has_held:
-            self._held_draws = uniform_ints(fold(HOLDOUT_STREAM), (steps, self.b), self.held)
+            self._held_draws = uniform_ints(rng.sub(key, Stream.CLIENT_HOLDOUT), (steps, self.b), self.held)
 
     def _pick(self, positions: jax.Array, offset: jax.Array) -> jax.Array:
         return positions if self.order is None else self.order[offset + positions]
@@ -190,7 +187,7 @@ def local_train(
 
     ``params`` ({entry: tree}) is what the client differentiates and updates; ``ctx`` the loss's
     fixed inputs. client: {'images' [max_n, ...], 'labels' [max_n], 'count', 'key',
-    'split_key'}. Step i draws its batch from ``fold_in(key, i)`` (see ``Sampler``). When the
+    'split_key'}. The round's draws come from the streams of ``key`` (see ``Sampler``, ``fedms_jax.rng``). When the
     client holds no more examples than its steps would process (static, ``uses_cache``),
     ``stage.featurize`` runs once over all of them and each step gathers its batch from the
     result; otherwise it runs on every step's batch. A step whose batch is all padding (epochs)

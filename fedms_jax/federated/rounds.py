@@ -27,8 +27,9 @@ index, cohort ids and data replicated; the backbone by ``strategy``), so one exe
 every round of its phase. The backbone and the data are arguments, never closed-over constants
 (XLA would embed them in the program). Evaluation programs are made the same way.
 
-Randomness: client c in round t uses ``fold_in(fold_in(key(seed), t), c)``, and the cohort of
-round t is drawn from ``(seed, t)``, so results do not depend on devices, chunking or resumes.
+Randomness: client c in round t uses the key ``(seed, ROUND, t, c)`` and its held-out split
+``(seed, SPLIT, c)``; the cohort of round t is drawn from ``(seed, COHORT, t)`` (``fedms_jax.rng``),
+so results do not depend on devices, chunking or resumes.
 """
 from __future__ import annotations
 
@@ -40,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedms_jax.budgets import Group, Tiers, uniform_cohort
+from fedms_jax import privacy, rng
 from fedms_jax.compiling import Programs, abstract
 from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import evaluation, sharding
-from fedms_jax.federated.client import HOLDOUT_STREAM, client_update
+from fedms_jax.federated.client import client_update
 from fedms_jax.federated.placement import Placement, replicated
 from fedms_jax.federated.server import weighted_mean
 from fedms_jax.federated.types import ClientOutput, ClientStates, Phase, ServerState, tree_where
@@ -54,14 +56,9 @@ EXCLUDED = "excluded"
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
-    """Uniform without replacement, seeded by (seed, round): a resumed run draws the same.
+    """Uniform without replacement, from the stream (seed, COHORT, round): a resumed run draws the same.
     (With budgets the cohort comes from ``budgets.ResourceModel.cohort``, tier-major.)"""
     return uniform_cohort(seed, round_index, num_clients, cohort_size)
-
-
-def client_keys(seed_key: jax.Array, round_index: jax.Array, cohort_ids: jax.Array) -> jax.Array:
-    rk = jax.random.fold_in(seed_key, round_index)
-    return jax.vmap(lambda c: jax.random.fold_in(rk, c))(cohort_ids)
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -94,6 +91,26 @@ def guard(update: Callable) -> Callable:
     return guarded
 
 
+def privatized(update: Callable, clip: float) -> Callable:
+    """DP-FedAvg's client side (``fedms_jax.privacy``; after ``guard``): the whole upload (every
+    unit together) scaled to L2 norm at most ``clip``, and every unit weighted 1, so the server
+    divides each unit's noisy sum by the number of clients asked to train it (public; an
+    excluded client counts, with its zero upload) instead of by their example counts, which
+    are private. Adds the metrics ``dp_update_norm`` (before clipping) and ``dp_clipped``."""
+
+    def private(broadcast, client):
+        out = update(broadcast, client)
+        upload, norm = privacy.clip_by_global_norm(out.upload, clip)
+        return ClientOutput(
+            upload=upload,
+            weight=jax.tree_util.tree_map(jnp.ones_like, out.weight),
+            state=out.state,
+            metrics={**out.metrics, "dp_update_norm": norm, "dp_clipped": (norm > clip).astype(jnp.float32)},
+        )
+
+    return private
+
+
 class Engine:
     """Runs rounds and evaluations of an algorithm over stacked client data.
 
@@ -112,12 +129,15 @@ class Engine:
         None: every client trains at k.
       compile_threads: background threads for ``compile_ahead`` (0: every program is compiled
         when first used).
+      dp: ``(clip, noise_multiplier)`` for DP-FedAvg (``privatized`` clients; the server adds
+        N(0, (noise_multiplier * clip)^2) per coordinate to each unit's sum, from the stream
+        ``(seed, DP_NOISE, round)``), or None.
     """
 
     def __init__(
         self, algorithm, backbone: PyTree, data: ClientData, *, seed: int, placement: Placement,
         strategy: str = "replicated", eval_clients: int = 8, eval_batch: int = 256,
-        tiers: Tiers | None = None, compile_threads: int = 0,
+        tiers: Tiers | None = None, compile_threads: int = 0, dp: tuple[float, float] | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.placement = placement
@@ -127,10 +147,10 @@ class Engine:
         self.backbone = jax.device_put(backbone, sharding.shardings(backbone, mesh, strategy))
         self.data = jax.device_put(data, replicated(mesh))
         self.seed = seed
-        self.seed_key = jax.random.key(seed)
         self.eval_clients = eval_clients
         self.eval_batch = eval_batch
         self.tiers = tiers
+        self.dp = dp
         self.num_traces = 0  # how many round programs were traced (= compiled)
         self._programs: dict[tuple, Callable] = {}  # (kind, phase, ...) -> jitted function or client fn
         self.executables = Programs(compile_threads)  # (kind, phase, ...) -> compiled program
@@ -145,8 +165,18 @@ class Engine:
     def place(self, tree: PyTree) -> PyTree:
         """Commits states or data to the mesh (replicated), as the round's outputs are, so the
         first round and every later one see the same input shardings (one executable per phase).
-        Arrays already placed so are returned as they are."""
-        return jax.device_put(tree, replicated(self.mesh))
+        Arrays already placed so are returned as they are. Host (numpy) arrays are taken as the
+        same on every process, as the run's are by construction (device_put would check that
+        with a collective on every call in a multi-process job)."""
+        rep = replicated(self.mesh)
+
+        def put(x):
+            if isinstance(x, jax.Array):
+                return jax.device_put(x, rep)
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, rep, lambda index: x[index])
+
+        return jax.tree_util.tree_map(put, tree)
 
     @property
     def compiled_phases(self) -> list[Phase]:
@@ -183,8 +213,20 @@ class Engine:
     # --- training ---------------------------------------------------------------------------
     def client_fn(self, phase: Phase) -> Callable:
         """The guarded ``client_update`` of the phase's stage (one per phase, per engine)."""
-        return self._cached(("client", phase), lambda: guard(
-            client_update(self.algorithm.stage(phase), phase, self.algorithm.settings)))
+        def make():
+            fn = guard(client_update(self.algorithm.stage(phase), phase, self.algorithm.settings))
+            return fn if self.dp is None else privatized(fn, self.dp[0])
+
+        return self._cached(("client", phase), make)
+
+    def _noisy(self, summed: PyTree, round_index: jax.Array) -> PyTree:
+        """DP: the units' sums plus Gaussian noise of std noise_multiplier * clip (the same on
+        every device: one key, replicated); without DP, the sums."""
+        if self.dp is None:
+            return summed
+        clip, z = self.dp
+        return jax.tree_util.tree_map(jnp.add, summed, privacy.gaussian_noise_like(
+            summed, rng.key(self.seed, rng.Stream.DP_NOISE, round_index), z * clip))
 
     def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array,
                state_keys: tuple[str, ...] | None = None) -> PyTree:
@@ -196,9 +238,9 @@ class Engine:
             "images": take(data.images),
             "labels": take(data.labels),
             "count": take(data.counts),
-            "key": client_keys(self.seed_key, round_index, cohort_ids),
+            "key": rng.client_keys(self.seed, round_index, cohort_ids),
             # The same every round: a client's held-out split (``client.Sampler``) never moves.
-            "split_key": client_keys(self.seed_key, HOLDOUT_STREAM, cohort_ids),
+            "split_key": rng.split_keys(self.seed, cohort_ids),
             "state": jax.tree_util.tree_map(take, _entries(clients.local, state_keys)),
         }
 
@@ -226,7 +268,7 @@ class Engine:
             local = _scatter(local, states, ids)
             metrics.append(m)
             counts.append(n)
-        server = stage.server_update(server, weighted_mean(summed, totals), totals, phase)
+        server = stage.server_update(server, weighted_mean(self._noisy(summed, round_index), totals), totals, phase)
         metrics = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *metrics)
         excluded = metrics.pop(EXCLUDED)
         clients = ClientStates(
@@ -251,8 +293,8 @@ class Engine:
                 return self._tiered_round(stage, server, clients, round_index, cohort_ids, backbone, data, phase)
             cohort = self.gather(data, clients, cohort_ids, round_index, stage.state_keys)
             broadcast = (backbone, stage.broadcast(server, phase))
-            mean, totals, states, metrics = self.placement.map_reduce(self.client_fn(phase), broadcast, cohort)
-            server = stage.server_update(server, mean, totals, phase)
+            summed, totals, states, metrics = self.placement.map_reduce(self.client_fn(phase), broadcast, cohort, mean=False)
+            server = stage.server_update(server, weighted_mean(self._noisy(summed, round_index), totals), totals, phase)
             excluded = metrics.pop(EXCLUDED)
             clients = ClientStates(
                 participation=clients.participation.at[cohort_ids].add(1 - excluded.astype(jnp.int32)),

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
+from fedms_jax.config import ConfigError
 from fedms_jax.models.clip import CLIP, CLIPSpec
 from fedms_jax.models.lora import LoRASpec
 from fedms_jax.models.vision import VisionSpec, VisionTransformer
@@ -44,6 +45,10 @@ _HUB_PATTERNS = [
     "special_tokens_map.json",
     "preprocessor_config.json",
 ]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory whose files do not describe a model we can load."""
 
 
 class HubUnavailableError(OSError):
@@ -240,7 +245,7 @@ def resize_pos_embed(pos: np.ndarray, new_grid: int) -> np.ndarray:
     n, d = pos.shape[0] - 1, pos.shape[1]
     g = int(round(n**0.5))
     if g * g != n:
-        raise ValueError(f"position embeddings have {n} patch positions, not a square grid")
+        raise CheckpointError(f"position embeddings have {n} patch positions, not a square grid")
     grid = pos[1:].reshape(g, g, d).astype(np.float64)
     grid = _bicubic_axis(_bicubic_axis(grid, new_grid, 0), new_grid, 1)
     return np.concatenate([pos[:1], grid.reshape(new_grid * new_grid, d).astype(pos.dtype)], 0)
@@ -314,7 +319,7 @@ def _kind_of(config: Any) -> Kind:
         return "vit"
     if model_type in ("clip", "dinov2"):
         return model_type
-    raise ValueError(f"config.json model_type must be 'vit', 'clip' or 'dinov2', got {model_type!r}")
+    raise CheckpointError(f"config.json model_type must be 'vit', 'clip' or 'dinov2', got {model_type!r}")
 
 
 def _strip_prefix(state: dict[str, np.ndarray], wanted: set[str]) -> dict[str, np.ndarray]:
@@ -377,7 +382,8 @@ def load_pretrained(
     kind = _kind_of(hf_config)
     native = VisionSpec.from_hf(hf_config)
     if image_size is not None and image_size % native.patch_size:
-        raise ValueError(f"image_size {image_size} is not divisible by patch_size {native.patch_size}")
+        raise ConfigError(f"config.model.image_size = {image_size}: must be divisible by the checkpoint's "
+                          f"patch_size {native.patch_size} ({path})")
     spec: VisionSpec | CLIPSpec
     if kind == "clip":
         spec = CLIPSpec.from_hf(hf_config, image_size=image_size)
@@ -393,7 +399,7 @@ def load_pretrained(
     vis = spec.vision if isinstance(spec, CLIPSpec) else spec
     missing = [r.key for r in rows if r.key not in state]
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} lacks {len(missing)} tensor(s) its config implies, e.g. {missing[:3]}"
         )
     params: dict = {}
@@ -405,7 +411,7 @@ def load_pretrained(
             if x.shape[0] != want[0] and x.shape[0] == native.num_patches + 1:
                 x = resize_pos_embed(x, vis.image_size // vis.patch_size)
         if tuple(x.shape) != want:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint tensor {row.key!r} has shape {tuple(np.asarray(state[row.key]).shape)}, "
                 f"but config.json implies {want} (as Flax {'/'.join(row.path)})"
             )

@@ -229,27 +229,37 @@ def test_sigterm_to_one_of_two_processes_both_save_the_same_round_then_resume_bi
     """A two-process gloo job where only process 1 gets SIGTERM mid-run (one VM of a slice
     reclaimed): both processes save the same round and exit 143; the same command again resumes
     and ends bitwise equal to an uninterrupted two-process run, which agrees with one process.
-    The jobs run side by side."""
+    A copy whose newest checkpoint is corrupt falls back to the one before on both processes,
+    set aside once, and ends the same too."""
     fast = "--config.client.local_steps=20"
     whole = [*_one_process(tmp_path / "whole1", fast), *_two_processes(tmp_path / "whole2", _free_port(), fast)]
     codes, errs = _finish(whole[1:])  # (the interrupted job then finds every program in the compilation cache)
     assert codes == [0, 0], "\n".join(e[-2000:] for e in errs)
     cut = _two_processes(tmp_path / "cut", _free_port(), fast)
-    _wait_for_rounds(tmp_path / "cut", cut, 2)
+    _wait_for_rounds(tmp_path / "cut", cut, 5)  # after the periodic checkpoint of round 4
     cut[1].send_signal(signal.SIGTERM)
     codes, errs = _finish(cut, 300)
     assert codes == [128 + signal.SIGTERM] * 2, "\n".join(e[-2000:] for e in errs)
     done = len(_lines(tmp_path / "cut"))
-    assert 2 <= done < 10
+    assert 5 <= done < 10
     for e in errs:  # every process saved the round in flight when the signal came
         assert f"saved the state after round {done}" in e and "rerun the same command to resume" in e, e[-2000:]
-    assert max(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()) == done
+    assert sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [4, done]
+    # A copy whose newest checkpoint is corrupt: both processes must skip it and resume from round 4.
+    shutil.copytree(tmp_path / "cut", tmp_path / "corrupt")
+    for f in (tmp_path / "corrupt" / "checkpoints" / str(done) / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\0garbage" * 8)
     again = _two_processes(tmp_path / "cut", _free_port(), fast)
-    for procs in (whole[:1], again):
+    fallback = _two_processes(tmp_path / "corrupt", _free_port(), fast)
+    for procs in (whole[:1], again, fallback):
         codes, errs = _finish(procs)
         assert codes == [0] * len(procs), "\n".join(e[-2000:] for e in errs)
-    assert _without_seconds(_lines(tmp_path / "cut")) == _without_seconds(_lines(tmp_path / "whole2"))
-    np.testing.assert_array_equal(_final_state(tmp_path / "cut", 10), _final_state(tmp_path / "whole2", 10))
+    assert all(f"checkpoints/{done} is unreadable" in e for e in errs)  # (fallback's stderr, both processes)
+    assert len(list((tmp_path / "corrupt" / "checkpoints_unreadable").iterdir())) == 1  # moved once
+    for name in ("cut", "corrupt"):
+        assert _without_seconds(_lines(tmp_path / name)) == _without_seconds(_lines(tmp_path / "whole2"))
+        np.testing.assert_array_equal(_final_state(tmp_path / name, 10), _final_state(tmp_path / "whole2", 10))
     assert sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [8, 10]  # keep=2
     # Two processes compute what one does, up to the order of float sums (which 10 rounds of
     # local training amplify: compare the first rounds).

@@ -269,8 +269,11 @@ def test_sigterm_to_one_of_two_processes_both_save_the_same_round_then_resume_bi
 
 
 def test_kill_9_of_one_process_ends_the_other_with_a_message(tmp_path):
-    procs = _two_processes(tmp_path / "w", _free_port(), "--config.multihost.timeout_s=10")
-    _wait_for_rounds(tmp_path / "w", procs, 1)
+    # Killed in stage 1, past its compiles: process 0's next collective breaks at once. (Were it
+    # to sit more than multihost.timeout_s without one, e.g. waiting for a compile, the
+    # coordination heartbeat would end it instead, with XLA's own fatal message.)
+    procs = _two_processes(tmp_path / "w", _free_port(), "--config.multihost.timeout_s=30")
+    _wait_for_rounds(tmp_path / "w", procs, 2)
     procs[1].kill()
     killed = time.time()
     _, err = procs[0].communicate(timeout=120)  # never a hang

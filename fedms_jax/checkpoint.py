@@ -39,7 +39,8 @@ PyTree = Any
 FORMAT = 2  # 2: named random streams (fedms_jax.rng); format-1 runs drew other numbers
 # Keys that may change between a run and its resume without changing its results.
 RESUMABLE_CHANGES = ("rounds", "eval_every", "eval_clients", "eval_batch", "placement.", "checkpoint.", "data.data_dir",
-                     "data.feature_cache", "compile.", "multihost.")
+                     "data.feature_cache", "compile.", "multihost.", "population.mode", "population.eval_sample",
+                     "population.prefetch")  # population.mode: the resolved mode is checked (meta "population")
 
 
 def _version() -> str:
@@ -136,10 +137,13 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore_latest(self, like: PyTree, config: Config) -> tuple[int, PyTree, dict] | None:
+    def restore_latest(self, like: PyTree, config: Config, population: str = "device") -> tuple[int, PyTree, dict] | None:
         """The newest readable checkpoint as (rounds done, state, meta), or None if there is none.
 
         ``like``: states of the right structure, shapes, dtypes and shardings (a fresh init).
+        ``population``: the run's resolved ``population.mode``; a checkpoint of the other mode
+        (the server state alone with incremental client files, or every client's state) is
+        refused with a ConfigError.
         Raises ConfigError if the newest readable checkpoint was written with a different config
         (naming the key) or by an incompatible format version.
         """
@@ -180,6 +184,11 @@ class Checkpointer:
                     f"config.{key} = {now!r} differs from the checkpoint in {self.directory} ({was!r}): "
                     "refusing to resume a different experiment; use a new --workdir or the old value"
                 )
+            saved_mode = meta.get("population", "device")
+            if saved_mode != population:
+                raise ConfigError(
+                    f"config.population.mode = {config.population.mode!r} runs this population {population}, but the "
+                    f"checkpoint in {self.directory} was written {saved_mode}: set population.mode={saved_mode} to resume")
             for key, was, now in placement_changes(meta["config"], config):
                 warnings.warn(
                     f"config.{key} = {now!r} differs from the checkpoint's ({was!r}): resuming, but the clients' "

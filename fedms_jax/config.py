@@ -53,6 +53,7 @@ INT64_MAX = 2**63 - 1  # larger integers would overflow inside the run
 PARTITIONS = ("dirichlet", "shards", "iid")
 BACKENDS = ("vmap", "sequential")
 STRATEGIES = ("replicated", "fsdp", "tensor")
+POPULATION_MODES = ("auto", "device", "streamed")
 FILE_SOURCES = ("idx", "folder")  # data.name values that read local files from data.data_dir
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -536,6 +537,30 @@ class CompileConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class PopulationConfig(_Section):
+    """Where the population's client data and persistent states live (fedms_jax/federated/population.py).
+
+    ``device``: every client's padded data and state on the devices (the fastest; small
+    populations). ``streamed``: the data in host memory, unpadded; the states on disk
+    (``WORKDIR/client_store``); each round's cohort is gathered (padded to the smallest of a few
+    bucket sizes that holds its largest client), transferred while the round before runs, and its
+    new states written back in the background; checkpoints write only the clients that changed.
+    ``auto``: streamed when the device copy would take more than a quarter of a device's memory
+    (of the host's on CPU) or the population exceeds 10,000 clients."""
+
+    _key = "population."
+    mode: str = "auto"  # auto | device | streamed
+    buckets: int = _int(4)  # streamed: padded client sizes (powers of two down from the largest client)
+    # personalised evaluation over this many clients (a seeded sample, the same every evaluation);
+    # 0 = auto: every client up to 1024 of them, else a sample of 1024
+    eval_sample: int = _int(0, lo=0)
+    prefetch: bool = True  # streamed: gather the next cohort while the round runs
+
+    def _validate(self) -> None:
+        self._choice("mode", POPULATION_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
 class MultihostConfig(_Section):
     """Jobs of several processes (fedms_jax/distributed.py)."""
 
@@ -575,6 +600,7 @@ class Config(_Section):
     compile: CompileConfig = _section(CompileConfig)
     dp: DPConfig = _section(DPConfig)
     multihost: MultihostConfig = _section(MultihostConfig)
+    population: PopulationConfig = _section(PopulationConfig)
 
     def _validate(self) -> None:
         self._choice("algorithm", ALGORITHMS)

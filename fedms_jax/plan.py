@@ -81,12 +81,10 @@ def plan(config: Config, layouts: list[Layout]) -> list[dict]:
         except ValueError as e:
             rows.append({**row, "error": str(e)})
             continue
-        server, clients = engine.place(exp.init_states())
-        compiled = (
-            engine.round_fn(phase)
-            .lower(server, clients, jnp.int32(0), jnp.asarray(cohort), engine.backbone, engine.data)
-            .compile()
-        )
+        # From the states' shapes (a streamed population: one cohort's states and data).
+        server, clients = exp.states_like()
+        engine.data_like = base.data_like
+        compiled = engine.lower_round(phase, server, clients, len(cohort), base.data_like if exp.streamed else None).compile()
         mem = compiled.memory_analysis()
         per_device = sharding.bytes_per_device(engine.backbone)
         row.update(

@@ -21,6 +21,8 @@ PARTITION       ()                                 the clients' training example
 TEST_SPLIT      ()                                 the clients' test examples (numpy)
 COHORT          (round,)                           a round's uniform cohort (numpy)
 BUDGET          (0,) tiers | (1, round) draws      budget tiers (``fedms_jax.budgets``, numpy)
+EVAL_SAMPLE     ()                                 the clients of a sampled personalised
+                                                   evaluation (``population.eval_sample``, numpy)
 ==============  =================================  =========================================
 
 Inside a client's round key (``ROUND``): ``CLIENT_BATCH`` (batches drawn with replacement),
@@ -59,6 +61,7 @@ class Stream(enum.IntEnum):
     TEST_SPLIT = _tag("TSPL")
     COHORT = _tag("COHO")
     BUDGET = _tag("BUDG")
+    EVAL_SAMPLE = _tag("EVSM")
     CLIENT_BATCH = _tag("BATC")
     CLIENT_EPOCH = _tag("EPOC")
     CLIENT_HOLDOUT = _tag("HOLD")

@@ -3,8 +3,9 @@
 One JSON line per round goes to ``WORKDIR/metrics.jsonl``: ``round, stage, active_blocks, loss,
 cohort, bytes_up, bytes_down, seconds`` every round (plus training-side extras such as FedMS's
 ``gate_local``), and on evaluation rounds ``personalized_accuracy`` (each client's model on its
-own test split, mean weighted by test size), ``personalized_min``, ``personalized_p10``,
-``personalized_loss``, ``accuracy`` and ``test_loss`` (the global model on the whole test set;
+own test split, mean weighted by test size; over a seeded sample of ``personalized_clients``
+clients when the population is large, ``population.eval_sample``), ``personalized_min``,
+``personalized_p10``, ``personalized_loss``, ``accuracy`` and ``test_loss`` (the global model on the whole test set;
 absent for algorithms without one: ``local``, ``fedper``) and ``gate_local_weight`` (FedMS
 stage 2: the gate's mean weight on the local expert over all test examples). With budget tiers
 (``sal.budgets``) the cohort is drawn tier-major by ``budgets.ResourceModel``, ``bytes_*`` sum
@@ -40,12 +41,13 @@ from fedms_jax.builders import build_expert, client_optimizer, lr_scale, split_f
 from fedms_jax.checkpoint import Checkpointer, config_fingerprint
 from fedms_jax.config import Config, ConfigError, validate
 from fedms_jax.data import partition
-from fedms_jax.data.clients import ClientData, stack_clients
+from fedms_jax.data.clients import ClientData, FlatClients, bucket_sizes, stack_clients
 from fedms_jax.data.features import FrozenStem, stem_tokens
 from fedms_jax.data.sources import DataError, Dataset, load_dataset, subsample
-from fedms_jax.federated import accounting
+from fedms_jax.federated import accounting, population
 from fedms_jax.federated.placement import make_placement, replicated
 from fedms_jax.federated.rounds import Engine, sample_cohort
+from fedms_jax.federated.store import ClientCheckpoints, StateStore
 from fedms_jax.federated.server import server_optimizer
 from fedms_jax.federated.sharding import client_axes, client_devices, make_mesh
 from fedms_jax.federated.types import ClientStates, Phase, ServerState
@@ -106,6 +108,13 @@ class Experiment:
     backbone_params: the parameters of the whole backbone (all L blocks: what "trainable % of
     the backbone" divides by). It holds no training state: rounds donate their input states,
     so ``init_states()`` makes fresh ones for each use.
+
+    ``mode``: ``population.mode`` resolved (``federated.population``). ``streamed``: the engine
+    holds no data; ``train_clients`` is every client's training data on the host, ``sizes``
+    its bucket sizes, ``test_images``/``test_labels`` host arrays (evaluated in chunks of
+    ``GLOBAL_CHUNK``), and ``init_states`` returns a ``population.Streamed`` in place of the
+    stacked client states. ``eval_ids``: the clients of personalised evaluation (None: all);
+    ``client_test`` holds their test splits, in that order.
     """
 
     config: Config
@@ -122,6 +131,14 @@ class Experiment:
     stem: FrozenStem | None = None
     resources: ResourceModel | None = None  # budget tiers (``sal.budgets``); None: no budgets
     accountant: privacy.Accountant | None = None  # DP-FedAvg's (``dp.*``); None: no DP
+    mode: str = "device"
+    eval_ids: np.ndarray | None = None
+    train_clients: FlatClients | None = None
+    sizes: tuple[int, ...] = ()
+
+    @property
+    def streamed(self) -> bool:
+        return self.mode == "streamed"
 
     @property
     def settings(self) -> Settings:
@@ -135,12 +152,36 @@ class Experiment:
             return sample_cohort(c.seed, round_index, c.data.num_clients, c.cohort_size)
         return self.resources.cohort(round_index)
 
-    def init_states(self) -> tuple[ServerState, ClientStates]:
-        """The initial (server, client) states from the run's init key, placed on the mesh."""
+    def init_states(self, workdir: str | Path | None = None) -> tuple[ServerState, ClientStates | population.Streamed]:
+        """The initial (server, client) states from the run's init key, placed on the mesh.
+        Streamed: the clients are a ``population.Streamed`` whose store (every client at its
+        initial state, nothing written) is ``workdir/client_store`` and its incremental
+        checkpoints ``workdir/client_checkpoints`` (default: a new temporary directory)."""
         key = rng.key(self.config.seed, Stream.INIT)
+        if self.streamed:
+            server, template = population.template_states(self.algorithm.init, key)
+            if workdir is None:
+                import tempfile
+
+                workdir = tempfile.mkdtemp(prefix="fedms_population_")
+            store = StateStore(Path(workdir) / "client_store", template, self.config.data.num_clients)
+            checkpoints = ClientCheckpoints(Path(workdir) / "client_checkpoints")
+            p = self.config.population
+            return self.engine.place(server), population.Streamed(
+                self.engine, self.train_clients, store, checkpoints, self.sizes, self.cohort, self.config.rounds, p.prefetch)
         # One program (op by op, every small initialisation op would be a compile of its own).
         init = jax.jit(self.algorithm.init, static_argnums=1, out_shardings=replicated(self.engine.mesh))
         return init(key, self.config.data.num_clients)
+
+    def states_like(self) -> tuple[PyTree, PyTree]:
+        """The shapes of (server, clients) as ``init_states`` makes them (for a streamed
+        population: the server and one cohort's states)."""
+        key = rng.key(self.config.seed, Stream.INIT)
+        if not self.streamed:
+            return jax.eval_shape(lambda k: self.algorithm.init(k, self.config.data.num_clients), key)
+        server, clients = jax.eval_shape(lambda k: self.algorithm.init(k, 1), key)
+        m = self.config.cohort_size
+        return server, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), clients)
 
     def evaluates(self, round_index: int) -> bool:
         """Whether the run evaluates after round ``round_index``: every ``eval_every`` rounds and
@@ -150,29 +191,77 @@ class Experiment:
 
     def programs(self, server: ServerState, clients: ClientStates, start: int = 0) -> list[tuple]:
         """Every program rounds ``start ..`` will run, in the order they first need them, as
-        ``Engine.compile_ahead`` takes them: the round program of each phase, then (when the
-        run evaluates in that phase) its personalised and global evaluation programs."""
+        ``Engine.compile_ahead`` takes them: the round program of each phase (streamed: of each
+        phase and bucket its cohorts take), then (when the run evaluates in that phase) its
+        personalised and global evaluation programs. ``server``, ``clients``: the states'
+        shapes (``states_like``)."""
         out, seen = [], set()
+        evaluated = self._evaluated_like(clients)
         for t in range(start, self.config.rounds):
             phase = self.algorithm.phase(t)
-            wanted = [("round", phase, server, clients, self.config.cohort_size)]
+            m = self.config.cohort_size
+            if self.streamed:
+                data = population.cohort_data_like(self.train_clients, self.sizes, self.cohort(t))
+                wanted = [(("round", phase, data.images.shape), ("round", phase, server, clients, m, data))]
+            else:
+                wanted = [(("round", phase), ("round", phase, server, clients, m))]
             if self.evaluates(t):
-                wanted.append(("personal", phase, server, clients, self.client_test))
+                wanted.append((("personal", phase), ("personal", phase, server, evaluated, self.client_test)))
                 if self.algorithm.has_global_model:
-                    wanted.append(("global", phase, server, self.test_images, self.test_labels))
-            for program in wanted:
-                if program[:2] not in seen:
-                    seen.add(program[:2])
+                    for images, labels in self._test_chunks():
+                        wanted.append((("global", phase, images.shape),
+                                       ("global", phase, server, _like(images), _like(labels))))
+            for key, program in wanted:
+                if key not in seen:
+                    seen.add(key)
                     out.append(program)
         return out
 
-    def evaluate(self, server: ServerState, clients: ClientStates, phase: Phase) -> dict[str, float]:
-        """Personalised (every client, own test split) and global (whole test set) metrics."""
-        out = personalized_metrics(self.engine.evaluate_clients(server, clients, phase, self.client_test))
+    def _evaluated_like(self, clients: PyTree) -> PyTree:
+        """The shapes of the evaluated clients' states, given the run's client-state shapes."""
+        if self.eval_ids is None and not self.streamed:
+            return clients
+        n = len(self.eval_ids) if self.eval_ids is not None else self.config.data.num_clients
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype), clients)
+
+    def _test_chunks(self):
+        """The global test set in the pieces it is evaluated in: whole on the devices; streamed,
+        host chunks of ``GLOBAL_CHUNK`` examples (the last one shorter)."""
+        if not self.streamed:
+            yield self.test_images, self.test_labels
+            return
+        n = len(self.test_labels)
+        for i in range(0, n, GLOBAL_CHUNK):
+            yield self.test_images[i:i + GLOBAL_CHUNK], self.test_labels[i:i + GLOBAL_CHUNK]
+
+    def evaluated_states(self, clients: ClientStates | population.Streamed) -> ClientStates:
+        """The states of the clients personalised evaluation covers (``eval_ids``, or all)."""
+        if isinstance(clients, population.Streamed):
+            ids = self.eval_ids if self.eval_ids is not None else np.arange(self.config.data.num_clients)
+            return clients.read(ids)
+        if self.eval_ids is None:
+            return clients
+        ids = jnp.asarray(self.eval_ids)
+        return jax.tree_util.tree_map(lambda x: x[ids], clients)
+
+    def evaluate(self, server: ServerState, clients: ClientStates | population.Streamed, phase: Phase) -> dict[str, float]:
+        """Personalised (each evaluated client, own test split; ``personalized_clients`` says how
+        many) and global (whole test set) metrics."""
+        states = self.evaluated_states(clients)
+        out = personalized_metrics(self.engine.evaluate_clients(server, states, phase, self.client_test))
+        out["personalized_clients"] = int(self.client_test.counts.shape[0])
         if self.algorithm.has_global_model:
-            loss, acc = self.engine.evaluate_global(server, phase, self.test_images, self.test_labels)
-            out.update(test_loss=loss, accuracy=acc)
+            sums = [self.engine.global_sums(server, phase, x, y) for x, y in self._test_chunks()]
+            n = len(self.test_labels)
+            out.update(test_loss=sum(s[0] for s in sums) / n, accuracy=sum(s[1] for s in sums) / n)
         return out
+
+
+GLOBAL_CHUNK = 16384  # streamed: test examples per piece of the global evaluation
+
+
+def _like(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None = None,
@@ -186,7 +275,8 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
     config = validate(config)
     if datasets is None:
         datasets = load_dataset(config.data.name, config.data.data_dir or None, seed=rng.numpy_seed(config.seed, Stream.DATA),
-                                image_size=config.data.image_size)
+                                image_size=config.data.image_size, num_clients=config.data.num_clients,
+                                min_examples=config.data.min_examples)
     train, test = datasets
     train = subsample(train, config.data.train_examples, seed=rng.numpy_seed(config.seed, Stream.SUBSAMPLE, 0))
     test = subsample(test, config.data.test_examples, seed=rng.numpy_seed(config.seed, Stream.SUBSAMPLE, 1))
@@ -250,20 +340,57 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         cache = config.data.feature_cache or None
         train_inputs = stem_tokens(stem, train.images, cache, name="train images", log=log)
         test_inputs = stem_tokens(stem, test.images, cache, name="test images", log=log)
+    if jax.process_count() > 1:  # the streamed mode runs in one process for now
+        if config.population.mode == "streamed":
+            raise ConfigError(f"config.population.mode = 'streamed' runs in one process for now (this job has "
+                              f"{jax.process_count()}): use population.mode=device (or auto)")
+        mode = "device"
+    else:
+        mode = population_mode(config, algorithm, parts, test_parts, train_inputs, mesh)
+    streamed = mode == "streamed"
     engine = Engine(
-        algorithm, built.backbone, stack_clients(train, parts, train_inputs), seed=config.seed,
+        algorithm, built.backbone, None if streamed else stack_clients(train, parts, train_inputs), seed=config.seed,
         placement=make_placement(config.placement.backend, mesh, chunk, config.mesh.strategy), strategy=config.mesh.strategy, eval_clients=config.eval_clients, eval_batch=config.eval_batch,
         tiers=resources.tiers if resources is not None else None,
         compile_threads=(config.compile.threads or compiling.default_threads()) if config.compile.ahead else 0,
         dp=(config.dp.clip, accountant.noise_multiplier) if accountant is not None else None,
     )
-    client_test, test_images, test_labels = engine.place(
-        (stack_clients(test, test_parts, test_inputs), np.asarray(test_inputs), np.asarray(test.labels)))
+    evaluated = population.eval_ids(config.seed, config.data.num_clients, config.population.eval_sample)
+    tested = test_parts if evaluated is None else [test_parts[i] for i in evaluated]
+    client_test = engine.place(stack_clients(test, tested, test_inputs))
+    train_clients, sizes = None, ()
+    if streamed:  # the data stay on the host: the rounds move their cohort's, the evaluation its chunks
+        train_clients = FlatClients.from_parts(train, parts, train_inputs)
+        # With epochs the round's steps follow the padded size, and so does an lr schedule's
+        # horizon: one size then (the device mode's), so what trains does not depend on the cohort.
+        one_size = config.client.epochs > 0 and config.client.schedule != "constant"
+        sizes = bucket_sizes(train_clients.counts, 1 if one_size else config.population.buckets)
+        # What accounting and plans trace a round with: a cohort at the largest padded size.
+        engine.data_like = population.cohort_data_like(
+            train_clients, sizes, np.full(config.cohort_size, int(train_clients.counts.argmax())))
+        test_images, test_labels = np.asarray(test_inputs), np.asarray(test.labels, np.int32)
+    else:
+        test_images, test_labels = engine.place((np.asarray(test_inputs), np.asarray(test.labels)))
     return Experiment(
         config=config, train=train, test=test, parts=parts, test_parts=test_parts, algorithm=algorithm,
         engine=engine, client_test=client_test, test_images=test_images, test_labels=test_labels,
         backbone_params=backbone_params, stem=stem, resources=resources, accountant=accountant,
+        mode=mode, eval_ids=evaluated, train_clients=train_clients, sizes=sizes,
     )
+
+
+def population_mode(config: Config, algorithm: Algorithm, parts: list[np.ndarray], test_parts: list[np.ndarray],
+                    inputs: np.ndarray, mesh) -> str:
+    """``population.mode`` resolved (``federated.population.choose_mode``), from the bytes the
+    device mode would hold: every client's training and test data padded to the largest
+    client's, and every client's persistent state."""
+    n = config.data.num_clients
+    row = int(np.prod(inputs.shape[1:])) * inputs.dtype.itemsize + 4  # an example and its label
+    data = n * (max(map(len, parts)) + max(map(len, test_parts), default=0)) * row
+    _, one = jax.eval_shape(lambda k: algorithm.init(k, 1), rng.key(config.seed, Stream.INIT))
+    state = n * sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(one))
+    return population.choose_mode(config.population.mode, n, data + state,
+                                  population.device_memory_bytes(mesh.devices.flat[0]))
 
 
 def make_accountant(config: Config, resources: ResourceModel | None, log: Callable[[str], None] | None = None):
@@ -406,15 +533,37 @@ class Checkpointing(Callback):
 
     def __init__(self, checkpointer: Checkpointer, meta) -> None:
         self.checkpointer, self.meta, self.rounds, self.saved = checkpointer, meta, 0, -1
+        # per save: the round, the seconds the loop waited (orbax writes in the background when
+        # asynchronous), and streamed, the client states written and their bytes
+        self.saves: list[dict] = []
+        self._streamed: population.Streamed | None = None
 
     def on_start(self, exp, start):
         self.rounds = exp.config.rounds
 
     def save(self, end: RoundEnd, *, wait: bool = False) -> None:
-        """Saves after ``end`` (once: a second call for the same round only waits, if asked)."""
+        """Saves after ``end`` (once: a second call for the same round only waits, if asked).
+        A streamed population's clients changed since the last save are written first
+        (``population.Streamed.checkpoint``), then the server state with orbax: a checkpoint
+        orbax lists is complete."""
         if end.done != self.saved:
-            state = {"server": end.server, "clients": end.clients}
+            began = time.perf_counter()
+            record: dict = {"round": end.done}
+            streamed = isinstance(end.clients, population.Streamed)
+            # (Asynchronous orbax lists a new step, and stops listing the ones it will delete,
+            # before the new one is on disk: the steps that may still be restored are these.)
+            kept = self.checkpointer.steps()
+            if streamed:
+                written = end.clients.checkpoint(end.done)
+                record.update(client_states=written["clients"], client_bytes=written["bytes"])
+                state = {"server": end.server}
+            else:
+                state = {"server": end.server, "clients": end.clients}
             self.checkpointer.save(end.done, state, self.meta(end))
+            if streamed:  # client files no checkpoint orbax may still restore needs
+                end.clients.checkpoints.prune([*kept, end.done])
+                self._streamed = end.clients
+            self.saves.append({**record, "seconds": time.perf_counter() - began})
             self.saved = end.done
         if wait:
             self.checkpointer.wait()
@@ -424,6 +573,9 @@ class Checkpointing(Callback):
             self.save(end)
 
     def on_end(self):
+        self.checkpointer.wait()
+        if self._streamed is not None:  # every save is on disk: the older steps orbax dropped are gone
+            self._streamed.checkpoints.prune(self.checkpointer.steps())
         self.checkpointer.close()
 
 
@@ -477,10 +629,13 @@ class StartupTiming(Callback):
     """Writes ``timing.json`` (process 0) at the end of a run: seconds to build, to the end of the
     first round, in all; XLA compilations and persistent-cache hits (``compiling.CompileLog``);
     and per program its lower and compile seconds, whether it was compiled ahead, and how long
-    the rounds waited for it."""
+    the rounds waited for it; each checkpoint save (``Checkpointing.saves``); the population's
+    mode, padded sizes and evaluated clients."""
 
-    def __init__(self, path: Path, primary: bool, began: float, built: float, log: compiling.CompileLog) -> None:
+    def __init__(self, path: Path, primary: bool, began: float, built: float, log: compiling.CompileLog,
+                 saves: list[dict] | None = None) -> None:
         self.path, self.primary, self.began, self.built, self.log = path, primary, began, built, log
+        self.saves = saves if saves is not None else []
         self.exp: Experiment | None = None
         self.first_round: float | None = None
         self.rounds = 0
@@ -506,6 +661,10 @@ class StartupTiming(Callback):
             "ahead": c.ahead, "threads": self.exp.engine.executables.threads,
             "cache_dir": jax.config.jax_compilation_cache_dir,
             "programs": self.exp.engine.executables.report(),
+            "checkpoints": self.saves,
+            "population": {"mode": self.exp.mode, "clients": self.exp.config.data.num_clients,
+                           "padded_sizes": list(self.exp.sizes),
+                           "evaluated_clients": int(self.exp.client_test.counts.shape[0])},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
@@ -522,6 +681,18 @@ def _keep_metrics_before(path: Path, start: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(l + "\n" for l in lines))
     os.replace(tmp, path)
+
+
+def _population_summary(exp: Experiment) -> str:
+    """One line about a large population (``partition.summary`` prints a line per client)."""
+    sizes = np.array([len(p) for p in exp.parts])
+    line = (f"{len(sizes)} clients, {sizes.sum()} examples; per client min {sizes.min()}, median "
+            f"{int(np.median(sizes))}, max {sizes.max()}; population mode {exp.mode}")
+    if exp.streamed:
+        line += f" (padded sizes {list(exp.sizes)})"
+    if exp.eval_ids is not None:
+        line += f"; personalised evaluation over {len(exp.eval_ids)} sampled clients"
+    return line
 
 
 def _log_stderr(message: str) -> None:
@@ -546,7 +717,8 @@ def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, star
     config, engine, algorithm = exp.config, exp.engine, exp.algorithm
     # A round's bytes depend only on the phase (the trees' shapes; with budgets each tier's
     # level): computed once per phase.
-    bytes_per_phase = {p: accounting.round_bytes(engine, server, clients, p, config.cohort_size)
+    like = exp.states_like()[1] if exp.streamed else clients
+    bytes_per_phase = {p: accounting.round_bytes(engine, server, like, p, config.cohort_size)
                        for p in algorithm.phases(config.rounds)}
     # DP: each round that uploads something releases one noisy aggregate (what the accountant composes).
     releases = lambda t: sum(bytes_per_phase[algorithm.phase(r)][1] > 0 for r in range(t))
@@ -566,8 +738,13 @@ def train_loop(exp: Experiment, server: ServerState, clients: ClientStates, star
             phase = algorithm.phase(t)
             cohort = exp.cohort(t)
             start_time = time.perf_counter()
-            server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
+            if exp.streamed:
+                server, metrics = clients.run_round(server, t, phase, cohort)
+            else:
+                server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
             metrics = {name: float(v) for name, v in metrics.items()}  # host sync ends the timing
+            if exp.streamed:
+                clients.finish_round()  # the cohort's new states to the host; their write is queued
             seconds = time.perf_counter() - start_time
             down, up = bytes_per_phase[phase]
             record = {
@@ -632,33 +809,44 @@ def _run_built(exp: Experiment, workdir: Path, *, progress: bool, callbacks, beg
         # Every program the rounds will need, in the order they need them, from the states'
         # shapes alone: the compile threads start while the states are initialised and restored.
         resume_at = min(max(checkpointer.steps(), default=0), config.rounds)
-        exp.engine.compile_ahead(exp.programs(*jax.eval_shape(exp.init_states), resume_at))
-    server, clients = exp.init_states()
+        exp.engine.compile_ahead(exp.programs(*exp.states_like(), resume_at))
+    server, clients = exp.init_states(workdir)
     built = time.perf_counter()
     primary = jax.process_index() == 0
     start, ledger = 0, None
-    restored = checkpointer.restore_latest({"server": server, "clients": clients}, config)
+    like = {"server": server} if exp.streamed else {"server": server, "clients": clients}
+    restored = checkpointer.restore_latest(like, config, population=exp.mode)
     if restored is not None:
         start, state, saved_meta = restored
         ledger = saved_meta.get("dp")
-        server, clients = exp.engine.place((state["server"], state["clients"]))
+        if exp.streamed:  # the clients: the checkpoint's manifest and the deltas it names
+            clients.checkpoints.restore(start, clients.store)
+            server = exp.engine.place(state["server"])
+        else:
+            server, clients = exp.engine.place((state["server"], state["clients"]))
     if progress and primary:
-        print(partition.summary(exp.train.labels, exp.parts, exp.train.num_classes))
+        print(partition.summary(exp.train.labels, exp.parts, exp.train.num_classes) if len(exp.parts) <= 100
+              else _population_summary(exp))
         if restored is not None:
             print(f"resuming {workdir} after round {start} of {config.rounds}")
     meta = lambda end: {
         "config": config_fingerprint(config),
         "next_phase": list(dataclasses.astuple(exp.algorithm.phase(min(end.done, config.rounds - 1)))),
         "rng": {"seed": config.seed, "recipe": rng.RECIPE},
+        "population": exp.mode,
         # DP: the accountant's ledger (its parameters and the noisy aggregates released so far)
         **({"dp": {**exp.accountant.as_dict(), "rounds": end.record["dp_rounds"]}} if exp.accountant is not None else {}),
     }
     checkpointing = Checkpointing(checkpointer, meta)
     # Preemption goes last: every other callback sees the round before it saves and stops the run.
-    timing = StartupTiming(workdir / "timing.json", primary, began, built, compile_log)
+    timing = StartupTiming(workdir / "timing.json", primary, began, built, compile_log, checkpointing.saves)
     loop_callbacks = [MetricsWriter(workdir / "metrics.jsonl", primary), ProgressBar(progress and primary),
                       checkpointing, timing, *callbacks, Preemption(checkpointing)]
-    record, server, clients = train_loop(exp, server, clients, start, loop_callbacks, ledger=ledger)
+    try:
+        record, server, clients = train_loop(exp, server, clients, start, loop_callbacks, ledger=ledger)
+    finally:
+        if exp.streamed:
+            clients.stop()  # every write done; the store stays readable
     if not record and start:  # nothing left to run: report the last line written
         lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []
         record = json.loads(lines[-1]) if lines else {}

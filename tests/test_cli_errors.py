@@ -98,19 +98,21 @@ CASES = {
     "report with overrides": (["report", "{tmp}", "--config.rounds=3"], CONFIG, "report takes no --config.KEY=VALUE"),
     "plan: malformed layout": (["plan", "--layouts", "2y:fsdp", *SMALL], CONFIG, "layout '2y:fsdp' must look like"),
     # --- impossible partitions (the data and the config): exit 1, before anything is built
-    "num_clients=100000 (the issue)": (
-        _run("--config.data.name=synthetic", "--config.data.num_clients=100000"), INPUT,
+    # (the synthetic source grows with data.num_clients: these use the embedded digits, 1438 examples)
+    "num_clients=100000 of digits": (
+        _run("--config.data.num_clients=100000"), INPUT,
         "data.num_clients=100000 x min_examples=16: 100000 clients need at least data.min_examples = 16 "
-        "examples each (1600000 in all), but the training set has 1024"),
-    "min_examples too large": (_run(*SMALL, "--config.data.min_examples=1000"), INPUT,
-                               "data.min_examples = 1000 examples each (8000 in all), but the training set has 1024"),
+        "examples each (1600000 in all), but the training set has 1438"),
+    "min_examples too large": (_run(*SMALL, "--config.data.name=digits", "--config.data.min_examples=1000"), INPUT,
+                               "data.min_examples = 1000 examples each (8000 in all), but the training set has 1438"),
     "shards_per_client too large": (_run(*SMALL, "--config.data.partition=shards", "--config.data.shards_per_client=1000"),
                                     INPUT, "data.shards_per_client = 1000 shards each = 8000 shards"),
-    "iid: more clients than examples": (_run(*SMALL, "--config.data.partition=iid", "--config.data.num_clients=5000"),
+    "iid: more clients than examples": (_run(*SMALL, "--config.data.name=digits", "--config.data.partition=iid",
+                                             "--config.data.num_clients=5000"),
                                         INPUT, "data.num_clients = 5000 clients need at least one example each"),
     "train_examples too few": (_run(*SMALL, "--config.data.train_examples=20"), INPUT, "the training set has 20"),
     "data.alpha=inf": (_run(*SMALL, "--config.data.alpha=inf"), CONFIG, "data.alpha = inf: must be a finite number"),
-    "plan: num_clients=100000": (["plan", "--config.data.name=synthetic", "--config.data.num_clients=100000"], INPUT,
+    "plan: num_clients=100000": (["plan", "--config.data.num_clients=100000"], INPUT,
                                  "data.num_clients=100000 x min_examples=16"),
     # --- malformed or missing data files: exit 1
     "idx: garbage": (lambda d: _run(*SMALL, "--config.data.name=idx", f"--config.data.data_dir={_idx_dir(d / 'idx', b'garbage!')}"),

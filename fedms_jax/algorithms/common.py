@@ -118,7 +118,9 @@ class Stage(NamedTuple):
 class Algorithm(NamedTuple):
     """A federated algorithm: its stages and the initial states.
 
-    init(rng, num_clients) -> (ServerState, ClientStates); stages: stage 1 (and 2); rounds
+    init(rng, num_clients) -> (ServerState, ClientStates), every client starting from the same
+    state (a streamed population keeps one client's as the template for all:
+    ``federated.population.template_states``); stages: stage 1 (and 2); rounds
     ``< stage1_rounds`` run stage 1 (single-stage methods: every round).
     """
 

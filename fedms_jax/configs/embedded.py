@@ -138,4 +138,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.multihost = ml_collections.ConfigDict()
     c.multihost.timeout_s = 300  # a process that died is noticed within about this long
+
+    # Where client data and states live (fedms_jax/federated/population.py): device (all of them on
+    # the devices) | streamed (data on the host, states on disk, the cohort moved each round) |
+    # auto (streamed beyond 10,000 clients or a quarter of the device memory)
+    c.population = ml_collections.ConfigDict()
+    c.population.mode = "auto"
+    c.population.buckets = 4  # streamed: padded client sizes (powers of two down from the largest)
+    c.population.eval_sample = 0  # personalised evaluation over this many seeded clients; 0 = all up to 1024
+    c.population.prefetch = True  # streamed: gather the next cohort while the round runs
     return c

@@ -9,6 +9,7 @@ A partition that cannot be made (more clients, times what each must get, than ex
 """
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -41,35 +42,98 @@ def dirichlet(
     Draws are repeated (same seeded stream, up to ``max_tries``) until every client holds
     ``min_examples``; failing that, the smallest clients are topped up with random examples
     from the largest, so the minimum is guaranteed whenever ``clients * min <= examples``.
+
+    Vectorised over clients (the class splits are array arithmetic; the top-up keeps heaps of
+    client sizes), so 100k clients over millions of examples take seconds; the partition is
+    the same as drawing each client's chunks one by one.
     """
     if not (alpha > 0 and math.isfinite(alpha)):
         raise PartitionError(f"data.alpha = {alpha!r}: must be a finite number > 0 (data.partition='dirichlet')")
     _check_clients(num_clients, len(labels), min_examples)
     rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for attempt in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        for c in classes:
-            idx = rng.permutation(np.flatnonzero(labels == c))
+        # Per class: its examples shuffled, and client k's chunk idx[starts[k]:starts[k] + lens[k]]
+        # (np.split at the cumulative Dirichlet shares, slice semantics and all).
+        draws = []
+        sizes = np.zeros(num_clients, np.int64)
+        for members_c in members:
+            idx = rng.permutation(members_c)
             shares = rng.dirichlet(np.full(num_clients, alpha))
             cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-            for client, chunk in enumerate(np.split(idx, cuts)):
-                parts[client].append(chunk)
-        out = [np.concatenate(p) for p in parts]
-        if min(len(p) for p in out) >= min_examples:
-            return [np.sort(p) for p in out]
+            starts, lens = _split_bounds(cuts, len(idx))
+            draws.append((idx, starts, lens))
+            sizes += lens
+        if sizes.min() >= min_examples:
+            return _sorted_parts(*_gather_parts(draws, sizes))
     # Very small alpha with many clients rarely satisfies the minimum by chance: top up the
     # smallest clients with random examples taken from the largest (keeps the exact cover).
+    # Each step takes the smallest and the largest client (lowest index among equals, as
+    # np.argmin / np.argmax would); heaps of (size, index) and (-size, index) with stale
+    # entries skipped find them without rescanning every client.
+    flat, sizes = _gather_parts(draws, sizes)
+    out = np.split(flat, np.cumsum(sizes)[:-1])
+    size = sizes.tolist()
+    low = list(zip(size, range(num_clients)))
+    high = [(-n, k) for n, k in low]
+    heapq.heapify(low)
+    heapq.heapify(high)
     while True:
-        sizes = np.array([len(p) for p in out])
-        small = int(np.argmin(sizes))
-        if sizes[small] >= min_examples:
-            return [np.sort(p) for p in out]
-        large = int(np.argmax(sizes))
-        move = min(min_examples - sizes[small], sizes[large] - min_examples)
+        while size[low[0][1]] != low[0][0]:
+            heapq.heappop(low)
+        small = low[0][1]
+        if size[small] >= min_examples:
+            break
+        while size[high[0][1]] != -high[0][0]:
+            heapq.heappop(high)
+        large = high[0][1]
+        move = min(min_examples - size[small], size[large] - min_examples)
         pick = rng.permutation(len(out[large]))
         out[small] = np.concatenate([out[small], out[large][pick[:move]]])
         out[large] = out[large][pick[move:]]
+        size[small] += move
+        size[large] -= move
+        heapq.heappush(low, (size[small], small))
+        heapq.heappush(low, (size[large], large))
+        heapq.heappush(high, (-size[small], small))
+        heapq.heappush(high, (-size[large], large))
+    return _sorted_parts(np.concatenate(out), np.asarray(size, np.int64))
+
+
+def _split_bounds(cuts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``np.split(x, cuts)`` (len(x) == n) slices: each piece is x[starts[k]:starts[k] +
+    lens[k]], with Python's slice rules (negative bounds count from the end, clamped to [0, n],
+    an end before its start gives an empty piece)."""
+    bounds = np.concatenate([[0], np.asarray(cuts, np.int64), [n]])
+    bounds = np.where(bounds < 0, bounds + n, bounds).clip(0, n)
+    starts = bounds[:-1]
+    return starts, np.maximum(bounds[1:] - starts, 0)
+
+
+def _gather_parts(draws, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every client's chunks, in class order, laid end to end (client 0's first): the flat
+    array and the per-client sizes. ``draws`` is [(idx, starts, lens)] per class."""
+    offsets = np.cumsum(sizes) - sizes  # where each client's run begins in the flat array
+    flat = np.empty(int(sizes.sum()), np.int64)
+    for idx, starts, lens in draws:
+        flat[_ranges(offsets, lens)] = idx[_ranges(starts, lens)]
+        offsets = offsets + lens
+    return flat, sizes
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """concatenate([arange(s, s + n) for s, n in zip(starts, lens)]) without the loop."""
+    total = int(lens.sum())
+    ends = np.cumsum(lens)
+    return np.repeat(starts - (ends - lens), lens) + np.arange(total, dtype=np.int64)
+
+
+def _sorted_parts(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """The flat client-by-client array split into the clients' parts, each sorted."""
+    owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    span = int(flat.max()) + 1 if len(flat) else 1
+    keys = np.sort(owner * span + flat)
+    return np.split(keys - owner * span, np.cumsum(sizes)[:-1])
 
 
 def shards(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int) -> list[np.ndarray]:
@@ -106,8 +170,14 @@ def split_test_like(
     """
     rng = np.random.default_rng(seed)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    counts = np.stack([np.bincount(train_labels[p], minlength=num_classes) for p in train_parts])
-    out: list[list[np.ndarray]] = [[] for _ in train_parts]
+    num_clients = len(train_parts)
+    train_sizes = np.array([len(p) for p in train_parts], np.int64)
+    owner = np.repeat(np.arange(num_clients, dtype=np.int64), train_sizes)
+    held = train_labels[np.concatenate(train_parts)]
+    counts = np.bincount(owner * num_classes + held, minlength=num_clients * num_classes)
+    counts = counts.reshape(num_clients, num_classes)
+    draws = []
+    sizes = np.zeros(num_clients, np.int64)
     for c in range(num_classes):
         idx = rng.permutation(np.flatnonzero(test_labels == c))
         weights = counts[:, c].astype(np.float64)
@@ -119,9 +189,10 @@ def split_test_like(
         take = np.floor(exact).astype(int)
         short = len(idx) - take.sum()
         take[np.argsort(-(exact - take), kind="stable")[:short]] += 1
-        for client, chunk in enumerate(np.split(idx, np.cumsum(take)[:-1])):
-            out[client].append(chunk)
-    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in out]
+        starts, lens = _split_bounds(np.cumsum(take)[:-1], len(idx))
+        draws.append((idx, starts, lens))
+        sizes += lens
+    return _sorted_parts(*_gather_parts(draws, sizes))
 
 
 def summary(labels: np.ndarray, parts: list[np.ndarray], num_classes: int | None = None) -> str:

@@ -81,20 +81,42 @@ def load_synthetic(
     noise: float = 0.35,
     seed: int = 0,
 ) -> tuple[Dataset, Dataset]:
-    """A learnable synthetic task: each class is a fixed random template plus pixel noise."""
+    """A learnable synthetic task: each class is a fixed random template plus pixel noise.
+
+    ``num_train`` / ``num_test`` examples (default 1024 / 256) of ``image_size`` x
+    ``image_size`` x ``channels`` uint8 pixels in ``num_classes`` classes. Images are generated
+    in blocks of ``_SYNTHETIC_CHUNK`` rows drawn in turn from one seeded stream, so the values
+    do not depend on the block size (the same as one draw of all n) and the memory beyond the
+    uint8 output is bounded by the block, not by n: millions of examples take seconds.
+    """
     rng = np.random.default_rng(seed)
     templates = rng.uniform(0.0, 1.0, (num_classes, image_size, image_size, channels))
+    shape = (image_size, image_size, channels)
 
     def make(n: int, r: np.random.Generator) -> Dataset:
         labels = r.integers(0, num_classes, n).astype(np.int32)
-        x = templates[labels] + noise * r.standard_normal((n, image_size, image_size, channels))
-        return Dataset(
-            np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8),
-            labels,
-            tuple(f"class_{i}" for i in range(num_classes)),
-        )
+        images = np.empty((n, *shape), np.uint8)
+        buf = np.empty((min(n, _SYNTHETIC_CHUNK), *shape), np.float64)
+        for start in range(0, n, _SYNTHETIC_CHUNK):
+            stop = min(start + _SYNTHETIC_CHUNK, n)
+            x = buf[: stop - start]
+            # Element for element the same float64 operations as the one-shot
+            # templates[labels] + noise * standard_normal((n, ...)), so bitwise the same.
+            r.standard_normal(out=x)
+            x *= noise
+            x += templates[labels[start:stop]]
+            x *= 255.0
+            np.round(x, out=x)
+            np.clip(x, 0, 255, out=x)
+            images[start:stop] = x  # exact: whole numbers in [0, 255]
+        return Dataset(images, labels, tuple(f"class_{i}" for i in range(num_classes)))
 
     return make(num_train, np.random.default_rng(seed + 1)), make(num_test, np.random.default_rng(seed + 2))
+
+
+# Rows per block in load_synthetic: 16384 x 8 x 8 x 3 float64 is 24 MiB (plus one template
+# gather of the same size).
+_SYNTHETIC_CHUNK = 16384
 
 
 def load_tfds(
@@ -154,15 +176,31 @@ LOCAL_SOURCES = ("digits", "synthetic", "idx", "folder")
 
 
 def load_dataset(
-    name: str, data_dir: str | None = None, seed: int = 0, image_size: int = 0
+    name: str,
+    data_dir: str | None = None,
+    seed: int = 0,
+    image_size: int = 0,
+    num_clients: int = 0,
+    min_examples: int = 1,
 ) -> tuple[Dataset, Dataset]:
     """By name: 'digits' (embedded), 'synthetic', 'idx' (MNIST-family IDX files in data_dir),
     'folder' (data_dir/{train,test}/<class>/ images; ``image_size`` > 0 resizes them), or any
-    TFDS image-classification name."""
+    TFDS image-classification name.
+
+    'synthetic' grows with the population: max(1024, 2 * min_examples * num_clients) train and
+    max(256, 2 * num_clients) test examples (8x8x3, 10 classes), so that every client can hold
+    ``min_examples`` (the dirichlet partition needs num_clients * min_examples). While
+    2 * min_examples * num_clients <= 1024 and num_clients <= 128 (e.g. the defaults, 20 x 16,
+    or num_clients=0) that is ``load_synthetic()``'s 1024 / 256, bitwise; larger sizes are new
+    draws from the same seeds. The other sources ignore ``num_clients`` and ``min_examples``.
+    """
     if name == "digits":
         return load_digits(seed=seed)
     if name == "synthetic":
-        return load_synthetic(seed=seed)
+        clients, per_client = max(int(num_clients), 0), max(int(min_examples), 1)
+        return load_synthetic(
+            num_train=max(1024, 2 * per_client * clients), num_test=max(256, 2 * clients), seed=seed
+        )
     if name in ("idx", "folder"):
         from fedms_jax.data import files
 

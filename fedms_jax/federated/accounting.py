@@ -30,7 +30,7 @@ PyTree = Any
 def _one_client(engine, server: ServerState, clients: ClientStates, phase: Phase):
     """Abstract shapes of one client's round inputs at ``phase``: (stage, down, client)."""
     cohort = jax.eval_shape(
-        lambda: engine.gather(engine.data, clients, jnp.zeros((1,), jnp.int32), jnp.zeros((), jnp.int32))
+        lambda d, c: engine.gather(d, c, jnp.zeros((1,), jnp.int32), jnp.zeros((), jnp.int32)), engine.data_spec, clients
     )
     one = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), cohort)
     stage = engine.algorithm.stage(phase)
@@ -144,11 +144,11 @@ def group_flops(engine, server: ServerState, clients: ClientStates, phase: Phase
         level = Phase(phase.stage, g.level)
         ids = jnp.arange(g.size, dtype=jnp.int32)
         body = lambda s, c, t, ids, b, d, level=level, n=g.size: engine.train_group(s, c, t, ids, b, d, level, chunk_size=n)
-        total = _flops(lambda: jax.jit(body).lower(server, clients, t, ids, engine.backbone, engine.data))
+        total = _flops(lambda: jax.jit(body).lower(server, clients, t, ids, engine.backbone, engine.data_spec))
         stage, down, one = _one_client(engine, server, clients, level)
         once = 0.0
         if uses_cache(settings, one["images"].shape[0]):
-            cohort = jax.eval_shape(lambda: engine.gather(engine.data, clients, ids, t))
+            cohort = jax.eval_shape(lambda d, c: engine.gather(d, c, ids, t), engine.data_spec, clients)
             many = jax.vmap(_featurize(stage, settings, level), in_axes=(None, None, 0))
             once = _flops(lambda: jax.jit(many).lower(engine.backbone, down, cohort))
         out.append((g, once + num_steps(settings, one["images"].shape[0]) * (total - once)))

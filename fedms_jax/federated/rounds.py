@@ -117,7 +117,8 @@ class Engine:
     Args:
       algorithm: the federated algorithm (``algorithms.Algorithm``).
       backbone: the frozen backbone params (laid out by ``strategy`` on ``mesh``).
-      data: the clients' training data (``ClientData``; placed replicated here).
+      data: every client's training data (``ClientData``; placed replicated here), or None for a
+        streamed population (``federated.population``), whose rounds get the cohort's data.
       seed: the run's seed.
       placement: ``placement.Vmap`` (one jitted round) or ``placement.Sequential``; its mesh
         (default: every device on 'clients') is where the backbone, data and states live.
@@ -145,7 +146,8 @@ class Engine:
         self.mesh = mesh
         self.strategy = strategy
         self.backbone = jax.device_put(backbone, sharding.shardings(backbone, mesh, strategy))
-        self.data = jax.device_put(data, replicated(mesh))
+        self.data = None if data is None else jax.device_put(data, replicated(mesh))
+        self.data_like: ClientData | None = None  # streamed: a cohort's data shapes (``data_spec``)
         self.seed = seed
         self.eval_clients = eval_clients
         self.eval_batch = eval_batch
@@ -177,6 +179,13 @@ class Engine:
             return jax.make_array_from_callback(x.shape, rep, lambda index: x[index])
 
         return jax.tree_util.tree_map(put, tree)
+
+    @property
+    def data_spec(self) -> PyTree:
+        """The clients' data as a round reads it: the engine's data, or for a streamed
+        population the shapes of a cohort's at its largest bucket (``data_like``, set by
+        ``run.build``)."""
+        return self.data if self.data is not None else self.data_like
 
     @property
     def compiled_phases(self) -> list[Phase]:
@@ -229,10 +238,13 @@ class Engine:
             summed, rng.key(self.seed, rng.Stream.DP_NOISE, round_index), z * clip))
 
     def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array,
-               state_keys: tuple[str, ...] | None = None) -> PyTree:
+               state_keys: tuple[str, ...] | None = None, positions: jax.Array | None = None) -> PyTree:
         """One round's per-client inputs [cohort, ...]: id, images, labels, count, key, split_key,
-        state (the entries ``state_keys`` of the client states; None: all)."""
-        take = lambda x: x[cohort_ids]
+        state (the entries ``state_keys`` of the client states; None: all). ``positions``: the
+        cohort's rows in ``data`` and ``clients`` (None: its ids, as when they hold every
+        client; a streamed cohort's arrays hold just the cohort)."""
+        rows = cohort_ids if positions is None else positions
+        take = lambda x: x[rows]
         return {
             "id": cohort_ids,
             "images": take(data.images),
@@ -244,17 +256,19 @@ class Engine:
             "state": jax.tree_util.tree_map(take, _entries(clients.local, state_keys)),
         }
 
-    def train_group(self, server, clients, round_index, ids, backbone, data, phase: Phase, *, chunk_size=None):
-        """One group of a budget-aware round: the clients ``ids`` trained at ``phase`` (the
-        group's level) -> (summed uploads, totals, new states, metrics, example counts)."""
+    def train_group(self, server, clients, round_index, ids, backbone, data, phase: Phase, *, chunk_size=None,
+                    positions=None):
+        """One group of a budget-aware round: the clients ``ids`` (at ``positions`` of ``data``
+        and ``clients``; None: at their ids) trained at ``phase`` (the group's level) ->
+        (summed uploads, totals, new states, metrics, example counts)."""
         stage = self.algorithm.stage(phase)
-        cohort = self.gather(data, clients, ids, round_index, stage.state_keys)
+        cohort = self.gather(data, clients, ids, round_index, stage.state_keys, positions)
         broadcast = (backbone, stage.broadcast(server, phase))
         summed, totals, states, metrics = self.placement.map_reduce(
             self.client_fn(phase), broadcast, cohort, chunk_size=chunk_size or self.group_chunk(ids.shape[0]), mean=False)
         return summed, totals, states, metrics, cohort["count"]
 
-    def _tiered_round(self, stage, server, clients, round_index, cohort_ids, backbone, data, phase):
+    def _tiered_round(self, stage, server, clients, round_index, cohort_ids, positions, backbone, data, phase):
         """A round over a tier-major cohort: one ``train_group`` per level, the groups' sums and
         totals added unit by unit (a unit only some groups trained is averaged over those)."""
         summed, totals, local = {}, {}, clients.local
@@ -262,17 +276,18 @@ class Engine:
                                            for u, v in part.items()}}
         metrics, counts = [], []
         for g in self.groups(phase, cohort_ids.shape[0]):
-            ids = cohort_ids[g.start:g.start + g.size]
-            s, t, states, m, n = self.train_group(server, clients, round_index, ids, backbone, data, Phase(phase.stage, g.level))
+            ids, rows = cohort_ids[g.start:g.start + g.size], positions[g.start:g.start + g.size]
+            s, t, states, m, n = self.train_group(server, clients, round_index, ids, backbone, data,
+                                                  Phase(phase.stage, g.level), positions=rows)
             summed, totals = add(summed, s), add(totals, t)
-            local = _scatter(local, states, ids)
+            local = _scatter(local, states, rows)
             metrics.append(m)
             counts.append(n)
         server = stage.server_update(server, weighted_mean(self._noisy(summed, round_index), totals), totals, phase)
         metrics = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *metrics)
         excluded = metrics.pop(EXCLUDED)
         clients = ClientStates(
-            participation=clients.participation.at[cohort_ids].add(1 - excluded.astype(jnp.int32)),
+            participation=clients.participation.at[positions].add(1 - excluded.astype(jnp.int32)),
             local=local,
         )
         weights = jnp.concatenate(counts).astype(jnp.float32) * (1.0 - excluded)
@@ -283,22 +298,23 @@ class Engine:
             out[f"loss_b{b}"] = mean_of(metrics["loss"][start:start + n], weights[start:start + n])
         return server, clients, out
 
-    def _round(self, server, clients, round_index, cohort_ids, backbone, data, *, phase):
+    def _round(self, server, clients, round_index, cohort_ids, backbone, data, positions=None, *, phase):
+        positions = cohort_ids if positions is None else positions
         with layer_params_hook(sharding.gather_layers(self.mesh, self.strategy)):  # fsdp: gather per layer
             stage = self.algorithm.stage(phase)
             if self.placement.jitted:
                 self.num_traces += 1
                 backbone = sharding.for_compute(backbone, self.mesh, self.strategy)
             if self.tiers is not None:
-                return self._tiered_round(stage, server, clients, round_index, cohort_ids, backbone, data, phase)
-            cohort = self.gather(data, clients, cohort_ids, round_index, stage.state_keys)
+                return self._tiered_round(stage, server, clients, round_index, cohort_ids, positions, backbone, data, phase)
+            cohort = self.gather(data, clients, cohort_ids, round_index, stage.state_keys, positions)
             broadcast = (backbone, stage.broadcast(server, phase))
             summed, totals, states, metrics = self.placement.map_reduce(self.client_fn(phase), broadcast, cohort, mean=False)
             server = stage.server_update(server, weighted_mean(self._noisy(summed, round_index), totals), totals, phase)
             excluded = metrics.pop(EXCLUDED)
             clients = ClientStates(
-                participation=clients.participation.at[cohort_ids].add(1 - excluded.astype(jnp.int32)),
-                local=_scatter(clients.local, states, cohort_ids),
+                participation=clients.participation.at[positions].add(1 - excluded.astype(jnp.int32)),
+                local=_scatter(clients.local, states, positions),
             )
             weights = cohort["count"].astype(jnp.float32) * (1.0 - excluded)
             out = {name: jnp.sum(v * weights) / jnp.maximum(weights.sum(), 1.0) for name, v in metrics.items()}
@@ -307,22 +323,29 @@ class Engine:
 
     def round_fn(self, phase: Phase) -> Callable:
         """The round at ``phase``: jitted (donating the states; every output replicated) for
-        ``Vmap``; for ``Sequential`` a Python function driving one jitted client at a time."""
-        body = lambda s, c, t, ids, b, d: self._round(s, c, t, ids, b, d, phase=phase)
+        ``Vmap``; for ``Sequential`` a Python function driving one jitted client at a time.
+        Arguments: (server, clients, round index, cohort ids, backbone, data[, positions]):
+        without ``positions`` the cohort is at its ids in ``data`` and ``clients`` (every client
+        there); with them (a streamed cohort: ``arange(cohort)``), at those rows."""
+        body = lambda s, c, t, ids, b, d, pos=None: self._round(s, c, t, ids, b, d, pos, phase=phase)
         jitted = lambda: jax.jit(body, donate_argnums=(0, 1), out_shardings=replicated(self.mesh))
         return self._cached(("round", phase), jitted if self.placement.jitted else lambda: body)
 
-    def lower_round(self, phase: Phase, server: PyTree, clients: PyTree, cohort_size: int):
+    def lower_round(self, phase: Phase, server: PyTree, clients: PyTree, cohort_size: int, data: PyTree = None):
         """The round program at ``phase`` for a cohort of ``cohort_size``, lowered (traced) from
-        the states' shapes: ``server`` and ``clients`` may be arrays or ShapeDtypeStructs."""
+        the states' shapes: ``server`` and ``clients`` may be arrays or ShapeDtypeStructs.
+        ``data``: a streamed cohort's data (its shapes; then ``clients`` is the cohort's states
+        and the program takes their positions), or None for the engine's data."""
         rep = replicated(self.mesh)
         index = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
-        return self.round_fn(phase).lower(abstract(server, rep), abstract(clients, rep), index(()),
-                                          index((cohort_size,)), abstract(self.backbone), abstract(self.data))
+        head = (abstract(server, rep), abstract(clients, rep), index(()), index((cohort_size,)), abstract(self.backbone))
+        if data is None:
+            return self.round_fn(phase).lower(*head, abstract(self.data))
+        return self.round_fn(phase).lower(*head, abstract(data, rep), index((cohort_size,)))
 
     def compile_ahead(self, programs: list[tuple]) -> None:
         """Starts compiling ``programs`` in the background threads, in order: each is
-        ``('round', phase, server, clients, cohort_size)``, ``('personal', phase, server,
+        ``('round', phase, server, clients, cohort_size[, data])``, ``('personal', phase, server,
         clients, test)`` or ``('global', phase, server, images, labels)``, with the arguments'
         arrays or ShapeDtypeStructs (their shapes are taken now: the arrays may be donated)."""
         if not self.placement.jitted:
@@ -335,8 +358,12 @@ class Engine:
     def _lowering(self, kind: str, phase: Phase, *args) -> tuple[tuple, Callable]:
         """(key, lower) of a program: ``lower()`` traces and lowers it from ``args``' shapes."""
         if kind == "round":
-            server, clients, cohort_size = args
-            return ("round", phase, cohort_size), lambda: self.lower_round(phase, server, clients, cohort_size)
+            server, clients, cohort_size, *data = args
+            if not data or data[0] is None:
+                return ("round", phase, cohort_size), lambda: self.lower_round(phase, server, clients, cohort_size)
+            # A streamed cohort's program: one per padded size (bucket).
+            key = ("round", phase, cohort_size, "streamed", tuple(data[0].images.shape))
+            return key, lambda: self.lower_round(phase, server, clients, cohort_size, data[0])
         if kind == "personal":
             server, clients, test = args
             key = ("personal", phase, self.eval_batch, self.eval_clients)
@@ -345,24 +372,37 @@ class Engine:
                 abstract(test, replicated(self.mesh)))
         if kind == "global":
             server, images, labels = args
-            key = ("global", phase, self.eval_batch)
+            key = ("global", phase, self.eval_batch, tuple(images.shape))
             return key, lambda: self._global_fn(phase).lower(
                 abstract(server, replicated(self.mesh)), abstract(self.backbone),
                 *(abstract(x, replicated(self.mesh)) for x in (images, labels)))
         raise ValueError(f"unknown program kind {kind!r}")
 
     def run_round(
-        self, server: ServerState, clients: ClientStates, round_index: int, phase: Phase, cohort_ids: np.ndarray
+        self, server: ServerState, clients: ClientStates, round_index: int, phase: Phase, cohort_ids: np.ndarray,
+        data: ClientData | None = None,
     ) -> tuple[ServerState, ClientStates, dict]:
         """One round at ``phase`` (``algorithm.phase(round_index)``) over ``cohort_ids`` (with
-        budget tiers: tier-major, as ``budgets.ResourceModel.cohort`` draws it)."""
+        budget tiers: tier-major, as ``budgets.ResourceModel.cohort`` draws it).
+
+        ``data``: None when ``clients`` and the engine's data hold every client; for a streamed
+        cohort, the cohort's data [cohort, bucket, ...], with ``clients`` the cohort's states
+        (in cohort order): the returned states are then the cohort's new states."""
+        m = len(cohort_ids)
+        positions = None if data is None else np.arange(m, dtype=np.int32)
         if not self.placement.jitted:
             ids, t = jnp.asarray(cohort_ids, jnp.int32), jnp.asarray(round_index, jnp.int32)
-            return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data)
+            if data is None:
+                return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data)
+            clients, data = jax.tree_util.tree_map(jnp.asarray, (clients, data))  # host arrays have no .at[]
+            return self.round_fn(phase)(server, clients, t, ids, self.backbone, data, jnp.asarray(positions))
         ids, t = self.place((np.asarray(cohort_ids, np.int32), np.asarray(round_index, np.int32)))
         server, clients = self.place((server, clients))
-        key, lower = self._lowering("round", phase, server, clients, ids.shape[0])
-        return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, self.data)
+        key, lower = self._lowering("round", phase, server, clients, m, data)
+        if data is None:
+            return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, self.data)
+        data, positions = self.place((data, positions))
+        return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, data, positions)
 
     # --- evaluation -------------------------------------------------------------------------
     def _program(self, key: tuple, make_body: Callable[[], Callable]) -> Callable:
@@ -436,11 +476,17 @@ class Engine:
 
     def evaluate_global(self, server: ServerState, phase: Phase, images: jax.Array, labels: jax.Array) -> tuple[float, float]:
         """The global model on a whole test set, split over the devices: -> (mean loss, accuracy)."""
+        nll, correct = self.global_sums(server, phase, images, labels)
+        n = labels.shape[0]
+        return nll / n, correct / n
+
+    def global_sums(self, server: ServerState, phase: Phase, images: jax.Array, labels: jax.Array) -> tuple[float, float]:
+        """The global model's summed loss and number correct over ``images`` / ``labels`` (a
+        test set or a piece of one: pieces add up exactly)."""
         if not self.algorithm.has_global_model:
             raise TypeError(f"algorithm {self.algorithm.name!r} has no global model")
         out = self._call("global", phase, server, images, labels)
-        n = labels.shape[0]
-        return float(out["nll"]) / n, float(out["correct"]) / n
+        return float(out["nll"]), float(out["correct"])
 
 
 def _entries(local: PyTree, keys: tuple[str, ...] | None) -> PyTree:

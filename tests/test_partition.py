@@ -222,20 +222,15 @@ def test_dirichlet_random_cases_match_the_original_loops():
     assert 10 <= hit_top_up <= 50  # both paths exercised
 
 
-def test_dirichlet_many_clients_is_fast_and_exact():
-    """20,000 clients (640k examples, alpha 0.3, min 16: the top-up path at scale) in well
-    under the time the per-client loops took."""
-    import time
-
+def test_dirichlet_many_clients_is_exact():
+    """20,000 clients (640k examples, alpha 0.3, min 16: the top-up path at scale). (Its speed
+    is measured in experiments/benchmarks/RESULTS.md's population section, not asserted.)"""
     labels = np.random.default_rng(5).integers(0, 10, 640_000)
-    start = time.perf_counter()
     parts = partition.dirichlet(labels, 20_000, 0.3, 11, min_examples=16)
     test_labels = np.random.default_rng(6).integers(0, 10, 40_000)
     tparts = partition.split_test_like(labels, parts, test_labels, 12)
-    elapsed = time.perf_counter() - start
     assert len(parts) == 20_000 and min(len(p) for p in parts) >= 16
     _assert_exact_cover(parts, len(labels))
     assert all(np.all(np.diff(p) > 0) for p in parts[:1000])
     assert len(tparts) == 20_000
     _assert_exact_cover(tparts, len(test_labels))
-    assert elapsed < 10, elapsed

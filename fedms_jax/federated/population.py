@@ -128,17 +128,9 @@ class Streamed:
         self._last: tuple[np.ndarray, PyTree] | None = None  # the last round's (ids, new states on the host)
         self.counts = data.counts
 
-    def bucket(self, ids: np.ndarray) -> int:
-        """The padded size of a cohort: the smallest bucket holding its largest client."""
-        return cohort_bucket(self.sizes, self.counts, ids)
-
-    def states_like(self, m: int) -> ClientStates:
-        """The shapes of ``m`` clients' states."""
-        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape, x.dtype), self.store.template)
-
     def _gather(self, ids: np.ndarray) -> tuple[PyTree, ClientData]:
         """(host states, device data) of a cohort: runs in the store's thread."""
-        data = self.engine.place(self.data.gather(ids, self.bucket(ids)))
+        data = self.engine.place(self.data.gather(ids, cohort_bucket(self.sizes, self.counts, ids)))
         return self.store.read(ids), data
 
     def _submit(self, fn, *args) -> concurrent.futures.Future:

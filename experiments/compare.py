@@ -43,8 +43,19 @@ from fedms_jax.federated import accounting
 
 METHODS: dict[str, list[str]] = {
     "fedms": ["algorithm=fedms"],
-    # Ablations: the gate trained with the experts on the same batches from the branch point's
-    # mean token (this project's first scheme); no gate; SAL off; no stage 1; budget tiers.
+    # Ablations of issue 25's changes, one at a time (DESIGN.md section 1's revised choices).
+    "fedms (no label prior)": ["algorithm=fedms", "fedms.prior=none"],
+    "fedms (global frozen in stage 2)": ["algorithm=fedms", "fedms.train_global=false"],
+    "fedms (local expert from stage 2)": ["algorithm=fedms", "fedms.local_start=stage2"],
+    "fedms (local expert through the mixture)": ["algorithm=fedms", "fedms.local_loss=mixture"],
+    "fedms (fixed held-out slice)": ["algorithm=fedms", "fedms.rotate_holdout=false"],
+    "fedms (residual mix)": ["algorithm=fedms", "fedms.mixing=residual"],
+    "fedms (local prox 0.1)": ["algorithm=fedms", "fedms.local_prox=0.1"],
+    # The FedMS of issue 14 (frozen global expert, no prior, local expert in stage 2 only).
+    "fedms (issue 14)": ["algorithm=fedms", "fedms.prior=none", "fedms.train_global=false", "fedms.local_start=stage2",
+                         "fedms.local_loss=own", "fedms.rotate_holdout=false", "fedms.gate_rank=16"],
+    # Older ablations: the gate trained with the experts on the same batches from the branch
+    # point's mean token (this project's first scheme); no gate; SAL off; no stage 1; budget tiers.
     "fedms (gate on train batches)": ["algorithm=fedms", "fedms.gate_holdout=0", "fedms.gate_input=mean"],
     "fedms (fixed 0.5/0.5)": ["algorithm=fedms", "fedms.gate=fixed", "fedms.local_weight=0.5"],
     "fedms (no SAL)": ["algorithm=fedms", "sal.mode=all"],
@@ -65,10 +76,19 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def run_method(base: list[str], config_name: str, method: str, seed: int, workdir: Path, flops: bool = True) -> dict:
+def overrides_of(method: str, tuned: dict | None = None) -> list[str]:
+    """The method's overrides, then (``--tuned``) the values the tuning protocol chose for it, or
+    for an ablation (``'fedms (...)'``) those chosen for its method."""
+    tuned = tuned or {}
+    chosen = tuned.get(method, tuned.get(method.split(" (")[0], {})).get("chosen", [])
+    return METHODS[method] + list(chosen)
+
+
+def run_method(base: list[str], config_name: str, method: str, seed: int, workdir: Path, flops: bool = True,
+               tuned: dict | None = None) -> dict:
     from fedms_jax.run import run
 
-    config = validate(apply_overrides(load_config(config_name), base + METHODS[method] + [f"seed={seed}"]))
+    config = validate(apply_overrides(load_config(config_name), base + overrides_of(method, tuned) + [f"seed={seed}"]))
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an old one
     start = time.perf_counter()
     out = run(config, workdir, progress=False)
@@ -98,6 +118,8 @@ def run_method(base: list[str], config_name: str, method: str, seed: int, workdi
         "bytes_up": float(np.mean([l["bytes_up"] / l["cohort"] for l in lines])),
         "bytes_down": float(np.mean([l["bytes_down"] / l["cohort"] for l in lines])),
         "gflops_per_round": float(np.mean([sum(flops[p]) for p in phases])) / 1e9 if flops else None,
+        "gflops_per_client_round": float(np.mean([sum(flops[p]) for p in phases])) / 1e9 / config.cohort_size if flops else None,
+        "overrides": overrides_of(method, tuned),
         "gate_local_weight": final.get("gate_local_weight"),
         "gate_local_std": final.get("gate_local_std"),
         "personalized_accuracy_global": final.get("personalized_accuracy_global"),
@@ -150,7 +172,7 @@ def _gate(rs: list[dict]) -> str:
 def table(results: list[dict], methods: list[str], num_seeds: int = 1) -> str:
     rows = [
         "| method | personalised acc. | p10 over clients | global acc. | gate: local weight (std over examples) "
-        "| trainable % of backbone | KB up / client / round | KB down / client / round | GFLOPs / round | seconds |",
+        "| trainable % of backbone | KB up / client / round | KB down / client / round | GFLOPs / client / round | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
@@ -161,7 +183,7 @@ def table(results: list[dict], methods: list[str], num_seeds: int = 1) -> str:
             f"| {name} | {_fmt(col('personalized_accuracy'), '.3f')} | {_fmt(col('personalized_p10'), '.3f')} "
             f"| {_fmt(col('accuracy'), '.3f')} | {_gate(rs)} | {_fmt(col('trainable_pct'), '.3f')} "
             f"| {_fmt(col('bytes_up'), '.1f', 1e-3)} | {_fmt(col('bytes_down'), '.1f', 1e-3)} "
-            f"| {_fmt(col('gflops_per_round'), '.2f')} | {_fmt(col('seconds'), '.0f')} |"
+            f"| {_fmt([r.get('gflops_per_client_round') for r in rs], '.2f')} | {_fmt(col('seconds'), '.0f')} |"
         )
     mixtures = [m for m in methods if any(r["method"] == m and r.get("personalized_accuracy_local") is not None for r in results)]
     if mixtures:  # FedMS: the mixture against each of its own experts alone, on the same clients
@@ -241,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flops-seeds", default=None,
                    help="measure GFLOPs per round only in these seeds' runs (each costs a compile per phase; "
                         "the table averages the runs that have it). Default: every run")
+    p.add_argument("--tuned", default=None,
+                   help="experiments/tune.py's tuned.json: each method runs with the values chosen for it")
     p.add_argument("--reuse-only", action="store_true",
                    help="tabulate the finished runs in WORKDIR only (none is run); a method with fewer "
                         "seeds than --seeds says how many it has")
@@ -254,9 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     flops_seeds = None if args.flops_seeds is None else {int(s) for s in args.flops_seeds.split(",")}
+    tuned = json.loads(Path(args.tuned).read_text())["methods"] if args.tuned else None
     for m in methods:  # every config is validated before anything runs
         for s in seeds:
-            validate(apply_overrides(load_config(args.config), base + METHODS[m] + [f"seed={s}"]))
+            validate(apply_overrides(load_config(args.config), base + overrides_of(m, tuned) + [f"seed={s}"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.workdir) if args.workdir else out / "runs"
@@ -270,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             if args.reuse_only:
                 continue
-            r = run_method(base, args.config, m, s, workdir, flops=flops_seeds is None or s in flops_seeds)
+            r = run_method(base, args.config, m, s, workdir, flops=flops_seeds is None or s in flops_seeds, tuned=tuned)
             tmp = done.with_suffix(".tmp")
             tmp.write_text(json.dumps(r))
             tmp.replace(done)

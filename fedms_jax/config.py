@@ -38,7 +38,11 @@ TWO_STAGE = ("fedms", "finetune")  # algorithms with a stage 1 of ``stage1_round
 USES_SAL = ("fedms", "fedavg_sal")  # algorithms that follow ``sal.*``; the others train every block
 GATE_MODES = ("learned", "fixed")
 GATE_INPUTS = ("global_feature", "mean", "cls")
-MIX_MODES = ("probs", "logits")
+MIX_MODES = ("probs", "logits", "residual")
+PRIORS = ("balanced", "none")  # fedms.prior
+LOCAL_STARTS = ("stage1", "stage2")  # fedms.local_start
+LOCAL_LOSSES = ("mixture", "own")  # fedms.local_loss
+LOCAL_EXPERTS = ("own", "offset")  # fedms.local_expert
 LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
 SAL_MODES = ("progressive", "all", "fixed")
 BUDGET_MODES = _budgets.MODES  # sal.budget_mode (fedms_jax/budgets.py)
@@ -235,34 +239,61 @@ class _Section:
 
 @dataclasses.dataclass(frozen=True)
 class FedMSConfig(_Section):
-    """FedMS stage 2 (DESIGN.md section 1; every "choice" there is an option here)."""
+    """FedMS (DESIGN.md section 1; every "choice" there is an option here)."""
 
     _key = "fedms."
     gate: str = "learned"  # learned | fixed (ablation: no gate network)
     local_weight: float = 0.5  # gate=fixed: the mixture's weight on the local expert
-    gate_rank: int = _int(16)  # gate adapter bottleneck d -> r -> d
-    # global_feature: the frozen global expert's pooled feature (its head's input: deep, content
+    gate_rank: int = _int(4)  # gate adapter bottleneck d -> r -> d
+    # global_feature: the global expert's pooled feature (its head's input: deep, content
     # aware at every SAL level) | mean of the branch point's tokens | cls (its [CLS] vector)
     gate_input: str = "global_feature"
-    # Fraction of each client's training examples held out from its local expert and used only
-    # to train the gate (with the experts' outputs stop-gradient'ed), so the gate learns how the
-    # experts do on data the local expert has not memorised. 0: the gate and the experts are
-    # trained together on the same batches by the mixture's loss (the original scheme).
+    # the gate's (adapter and head) learning rate as a multiple of client.lr: a small network
+    # that gets a few steps per round on each client
+    gate_lr_factor: float = 1.0
+    # Fraction of each client's training examples held out from its local expert (and from the
+    # global expert's training) in a round and used only to train the gate (with the experts'
+    # outputs stop-gradient'ed), so the gate learns how the experts do on data the local expert
+    # did not train on. 0: the gate and the experts are trained together on the same batches by
+    # the mixture's loss (the original scheme).
     gate_holdout: float = 0.2
-    mixing: str = "probs"  # probs (mix softmaxes) | logits
+    # Move the held-out slice by its size every round the client trains, so the local expert
+    # sees all of the client's data over time (false: the same slice every round)
+    rotate_holdout: bool = True
+    mixing: str = "probs"  # probs (mix softmaxes) | logits | residual (z_global + w_local * z_local)
     # gate_holdout=0: + aux_weight * each trained expert's own cross-entropy
     aux_weight: float = 0.0
-    train_global: bool = False  # keep training the global expert (FedAvg) in stage 2
+    train_global: bool = True  # keep training (and aggregating) the global expert in stage 2
+    # balanced: the global expert trains with the balanced-softmax loss (logits + the client's
+    # log label prior) and each client serves it with its own log prior added; none: plain
+    prior: str = "balanced"
+    prior_smoothing: float = 1.0  # add-s smoothing of the client's label counts in its prior
+    # stage1: the local expert trains from round 0 beside the global expert (Ditto's schedule);
+    # stage2: only in stage 2
+    local_start: str = "stage1"
+    # Stage 2's local-expert loss: own (its own cross-entropy) | mixture (-log p_mix(y), the gate
+    # and the global expert fixed: APFL's personal update; chosen against on validation)
+    local_loss: str = "own"
+    local_prox: float = 0.0  # + (local_prox / 2) ||local - global received||^2 (Ditto's lam)
+    # own: the local expert is the client's own copy (LoRA + head) | offset: the client keeps its
+    # local expert's offset from the global expert and applies it to the global expert it
+    # receives each round, so its local expert follows the federation's progress
+    local_expert: str = "own"
 
     def _validate(self) -> None:
         self._choice("gate", GATE_MODES)
         self._choice("mixing", MIX_MODES)
         self._choice("gate_input", GATE_INPUTS)
+        self._choice("prior", PRIORS)
+        self._choice("local_start", LOCAL_STARTS)
+        self._choice("local_loss", LOCAL_LOSSES)
+        self._choice("local_expert", LOCAL_EXPERTS)
         self._check(0.0 <= self.local_weight <= 1.0, "local_weight", "must be in [0, 1]")
         self._check(self.aux_weight >= 0, "aux_weight", "must be >= 0")
+        self._check(self.local_prox >= 0, "local_prox", "must be >= 0")
+        self._check(self.prior_smoothing > 0, "prior_smoothing", "must be > 0")
+        self._check(self.gate_lr_factor > 0, "gate_lr_factor", "must be > 0")
         self._check(0.0 <= self.gate_holdout < 1.0, "gate_holdout", "must be in [0, 1)")
-        self._check(not (self.gate_holdout > 0 and self.train_global), "gate_holdout",
-                    "must be 0 with fedms.train_global=True (the held-out slice assumes a frozen global expert)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,9 +348,14 @@ class DataConfig(_Section):
     # model.frozen_blocks > 0: a directory where the frozen stem's tokens of the (subsampled)
     # train and test images are kept, keyed by a hash of images, backbone and preprocessing ("": none)
     feature_cache: str = ""
+    # > 0: the tuning protocol. This fraction of each client's training examples becomes its
+    # validation split; personalised evaluation runs on those and global evaluation on their
+    # union, and the test split is never used (hyper-parameters are chosen on these numbers)
+    validation: float = 0.0
 
     def _validate(self) -> None:
         self._choice("partition", PARTITIONS)
+        self._check(0.0 <= self.validation < 1.0, "validation", "must be in [0, 1)")
         self._check(self.alpha > 0, "alpha", "must be > 0")
         self._check(self.name not in FILE_SOURCES or bool(self.data_dir), "data_dir",
                     f"data.name={self.name!r} reads local files: name their directory")

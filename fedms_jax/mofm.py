@@ -10,7 +10,9 @@ Our reading of FedMS (DESIGN.md section 1; the paper's full text is not availabl
   even mixture 0.5 / 0.5, and never leaves its client.
 * the **mixture** of the experts' class distributions,
   ``p(y|x) = w_g(x) softmax(z_global) + w_l(x) softmax(z_local)`` (``mode='probs'``, the
-  default), or of their logits, ``softmax(w_g z_global + w_l z_local)`` (``mode='logits'``).
+  default), or of their logits, ``softmax(w_g z_global + w_l z_local)`` (``mode='logits'``), or
+  the local expert as a residual on the global one, ``softmax(z_global + w_l z_local)``
+  (``mode='residual'``).
   Both return log-probabilities, so the loss is always ``-log p(y)``.
 
 Gate weights are ``[..., 2]`` with index 0 = global expert, 1 = local expert.
@@ -76,7 +78,9 @@ def mix(weights: jax.Array, z_global: jax.Array, z_local: jax.Array, mode: str =
 
     weights [B, 2] (global, local), logits [B, C] each. ``probs`` mixes the two softmaxes
     (computed in log space: a weight of 0 removes that expert, up to e^-87); ``logits``
-    mixes the logits before one softmax.
+    mixes the logits before one softmax; ``residual`` adds the local expert's logits, scaled by
+    its weight, to the global expert's: ``softmax(z_g + w_l z_l)`` (the local expert as a
+    correction of the global one).
     """
     chex.assert_equal_shape((z_global, z_local))
     chex.assert_shape(weights, (z_global.shape[0], 2))
@@ -89,6 +93,8 @@ def mix(weights: jax.Array, z_global: jax.Array, z_local: jax.Array, mode: str =
         )
     if mode == "logits":
         return jax.nn.log_softmax(weights[:, GLOBAL, None] * zg + weights[:, LOCAL, None] * zl)
+    if mode == "residual":
+        return jax.nn.log_softmax(zg + weights[:, LOCAL, None] * zl)
     raise ValueError(f"fedms.mixing must be one of {list(MIX_MODES)}, got {mode!r}")
 
 

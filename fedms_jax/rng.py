@@ -23,6 +23,8 @@ COHORT          (round,)                           a round's uniform cohort (num
 BUDGET          (0,) tiers | (1, round) draws      budget tiers (``fedms_jax.budgets``, numpy)
 EVAL_SAMPLE     ()                                 the clients of a sampled personalised
                                                    evaluation (``population.eval_sample``, numpy)
+VALIDATION      ()                                 the clients' validation splits carved from
+                                                   their training data (``data.validation``, numpy)
 ==============  =================================  =========================================
 
 Inside a client's round key (``ROUND``): ``CLIENT_BATCH`` (batches drawn with replacement),
@@ -62,6 +64,7 @@ class Stream(enum.IntEnum):
     COHORT = _tag("COHO")
     BUDGET = _tag("BUDG")
     EVAL_SAMPLE = _tag("EVSM")
+    VALIDATION = _tag("VALI")
     CLIENT_BATCH = _tag("BATC")
     CLIENT_EPOCH = _tag("EPOC")
     CLIENT_HOLDOUT = _tag("HOLD")

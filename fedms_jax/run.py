@@ -281,6 +281,14 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
     train = subsample(train, config.data.train_examples, seed=rng.numpy_seed(config.seed, Stream.SUBSAMPLE, 0))
     test = subsample(test, config.data.test_examples, seed=rng.numpy_seed(config.seed, Stream.SUBSAMPLE, 1))
     parts, test_parts = partition_clients(config, train, test)
+    validation = None  # data.validation: the clients' validation splits stand in for the test split
+    if config.data.validation > 0:
+        parts, val_parts = partition.validation_split(parts, config.data.validation,
+                                                      rng.numpy_seed(config.seed, Stream.VALIDATION))
+        validation = np.concatenate(val_parts).astype(np.int64)
+        test = Dataset(train.images[validation], train.labels[validation], train.class_names)
+        ends = np.cumsum([len(v) for v in val_parts])
+        test_parts = [np.arange(e - len(v), e) for v, e in zip(val_parts, ends)]
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
         raise DataError(
@@ -339,7 +347,8 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
     if stem is not None:
         cache = config.data.feature_cache or None
         train_inputs = stem_tokens(stem, train.images, cache, name="train images", log=log)
-        test_inputs = stem_tokens(stem, test.images, cache, name="test images", log=log)
+        test_inputs = (train_inputs[validation] if validation is not None
+                       else stem_tokens(stem, test.images, cache, name="test images", log=log))
     if jax.process_count() > 1:  # the streamed mode runs in one process for now
         if config.population.mode == "streamed":
             raise ConfigError(f"config.population.mode = 'streamed' runs in one process for now (this job has "

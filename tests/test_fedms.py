@@ -15,7 +15,7 @@ from fedms_jax import mofm
 from fedms_jax.data.clients import ClientData
 from fedms_jax.algorithms import ALGORITHMS, fedms
 from fedms_jax.config import FedMSConfig
-from fedms_jax.algorithms.fedms import GATE, mixture
+from fedms_jax.algorithms.fedms import COUNTS, GATE, mixture
 from fedms_jax.federated import types
 from fedms_jax.federated.client import Batch
 from fedms_jax.federated.types import Phase
@@ -59,15 +59,14 @@ def disjoint():
     return train, _stage2_round(a), _stage2_round(other)
 
 
-def test_stage2_aggregates_only_the_gate_adapter(disjoint):
+def test_stage2_aggregates_the_gate_adapter_and_the_global_expert(disjoint):
+    """Stage 2 (``train_global``, the default) moves every server unit: the gate adapter and
+    the global expert (all blocks active here, sal.mode=all)."""
     _, (before, server, _, _), _ = disjoint
     units0, units1 = types.split_units(before), types.split_units(server.trainable)
-    assert set(units0) == set(units1)
+    assert set(units0) == set(units1) and GATE in units0
     for name in units0:
-        if name == GATE:
-            assert np.abs(flat(units1[name]) - flat(units0[name])).max() > 0
-        else:  # the global expert is frozen in stage 2
-            np.testing.assert_array_equal(flat(units1[name]), flat(units0[name]))
+        assert np.abs(flat(units1[name]) - flat(units0[name])).max() > 0, name
 
 
 def test_stage2_gate_adapter_is_weighted_mean_of_clients(disjoint):
@@ -95,7 +94,7 @@ def mofm_setup(tiny_expert, tiny_backbone, tiny_images):
     """A FedMS algorithm over the tiny expert, with different global and local experts."""
     config = tiny_config("algorithm=fedms", "stage1_rounds=0")
     settings = dataclasses.replace(build(config).settings, expert=tiny_expert)
-    algo = fedms(settings, 0, FedMSConfig(gate_rank=4))
+    algo = fedms(settings, 0, FedMSConfig(gate_rank=4, train_global=False, prior="none"))
     server, clients = algo.init(jax.random.key(1), 1)
     glob = {**server.trainable, "lora": randomize_lora(server.trainable["lora"], jax.random.key(2)),
             "head": jax.tree_util.tree_map(lambda x: x + 0.1, server.trainable["head"])}
@@ -104,7 +103,7 @@ def mofm_setup(tiny_expert, tiny_backbone, tiny_images):
         lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), server.trainable[GATE])})
     head = jax.tree_util.tree_map(lambda x: 0.3 * jax.random.normal(jax.random.key(5), x.shape), clients.local["gate_head"])
     state = {"ready": jnp.ones((), bool), "expert": jax.tree_util.tree_map(lambda x: x[0], clients.local["expert"]) | local,
-             "gate_head": jax.tree_util.tree_map(lambda x: x[0], head)}
+             "gate_head": jax.tree_util.tree_map(lambda x: x[0], head), COUNTS: clients.local[COUNTS][0]}
     return algo, server, state, tiny_backbone, tiny_images
 
 
@@ -118,7 +117,7 @@ def _client_view(algo, server, state, backbone, images, phase):
 @pytest.mark.parametrize("local_weight", [0.0, 1.0])
 def test_forced_gate_gives_one_expert(mofm_setup, local_weight):
     algo, server, state, backbone, images = mofm_setup
-    forced = fedms(algo.settings, 0, FedMSConfig(gate="fixed", local_weight=local_weight, gate_rank=4))
+    forced = fedms(algo.settings, 0, FedMSConfig(gate="fixed", local_weight=local_weight, gate_rank=4, prior="none"))
     expert = algo.settings.expert
     k = expert.num_layers
     phase = Phase(2, k)
@@ -130,17 +129,20 @@ def test_forced_gate_gives_one_expert(mofm_setup, local_weight):
     np.testing.assert_array_equal(np.asarray(extras["gate_local"]), local_weight)
 
 
-@pytest.mark.parametrize("k, gate_input", [(1, "mean"), (2, "mean"), (1, "cls"), (2, "global_feature")])
-def test_shared_trunk_equals_full_experts(mofm_setup, k, gate_input):
+@pytest.mark.parametrize("k, gate_input, train_global", [
+    (1, "mean", False), (2, "mean", False), (1, "cls", False), (2, "global_feature", False), (2, "global_feature", True)])
+def test_shared_trunk_equals_full_experts(mofm_setup, k, gate_input, train_global):
     """The MoFM forward runs the trunk once; each expert run on its own in full (and the gate on
     the full model's hidden states at the branch point, or the global expert's pooled feature)
-    gives the same."""
+    gives the same, with the global expert frozen (part of the features) or training."""
     algo, server, state, backbone, images = mofm_setup
-    options = FedMSConfig(gate_rank=4, gate_input=gate_input)
+    options = FedMSConfig(gate_rank=4, gate_input=gate_input, train_global=train_global, prior="none")
     algo = fedms(algo.settings, 0, options)
     phase = Phase(2, k)
     stage, params, ctx, feats = _client_view(algo, server, state, backbone, images, phase)
-    assert set(feats.frozen) == {"z_global", "g_feature"}  # the frozen global expert ran once, in featurize
+    # A frozen global expert runs once, in featurize; a training one is a parameter.
+    assert set(feats.frozen) == (set() if train_global else {"z_global", "g_feature"})
+    assert ("global" in params) == train_global
     log_p, z_g, z_l, w = mixture(algo.settings, options, params, ctx, backbone, feats, phase)
     down = stage.broadcast(server, phase)
     expert, L = algo.settings.expert, algo.settings.expert.num_layers

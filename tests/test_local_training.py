@@ -216,7 +216,7 @@ def test_gate_input_is_content_aware_at_k_equals_l(fedms_client):
     """Permuting an image's patches (every 4x4 patch moved) changes the global-feature gate
     input clearly, at k = L where the branch point is the patch embedding; the branch point's
     mean token hardly moves (it is a linear function of the mean patch)."""
-    from fedms_jax.algorithms.fedms import gate_features
+    from fedms_jax.algorithms.fedms import gate_features, global_expert
 
     b, server, phase, one = fedms_client
     assert phase.num_active == b.settings.expert.num_layers
@@ -230,7 +230,9 @@ def test_gate_input_is_content_aware_at_k_equals_l(fedms_client):
     shuffled = tiles[:, perm].reshape(4, n, n, p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(x.shape)
     feats = lambda imgs: stage.featurize(b.engine.backbone, ctx, imgs, phase)
     rel = lambda a, c: float(jnp.abs(a - c).max() / jnp.abs(a).max())
-    g, g_perm = (gate_features(feats(i), "global_feature") for i in (x, shuffled))
+    # The training global expert's pooled feature (what served_global hands the gate).
+    g_of = lambda fe: global_expert(b.settings, b.engine.backbone, ctx["anchor"], fe.branch.hidden, phase)[0]
+    g, g_perm = (gate_features(fe, "global_feature", g_of(fe)) for fe in (feats(x), feats(shuffled)))
     m, m_perm = (gate_features(feats(i), "mean") for i in (x, shuffled))
     assert rel(g, g_perm) > 1e-2, rel(g, g_perm)
     assert rel(m, m_perm) < 1e-4, rel(m, m_perm)
@@ -238,8 +240,8 @@ def test_gate_input_is_content_aware_at_k_equals_l(fedms_client):
 
 def test_gate_loss_leaves_both_experts_unchanged(fedms_client):
     """With the training batch all masked, the loss is the gate's alone: its gradient on the
-    local expert is exactly zero (stop_gradient; the global expert is not even a parameter),
-    while the gate adapter and head get a gradient."""
+    local expert and on the (training) global expert is exactly zero (stop_gradient), while the
+    gate adapter and head get a gradient."""
     b, server, phase, one = fedms_client
     stage = b.algorithm.stage(phase)
     assert stage.holdout == 0.2
@@ -253,9 +255,9 @@ def test_gate_loss_leaves_both_experts_unchanged(fedms_client):
     f = stage.featurize(b.engine.backbone, ctx, x, phase)
     batch = cl.Batch(f, y, jnp.zeros(6), held=cl.Batch(f, y, jnp.ones(6)))
     grads = jax.grad(lambda p: stage.loss(p, ctx, b.engine.backbone, batch, None, phase)[0])(params)
-    assert np.abs(flat(grads["local"])).max() == 0.0
+    assert set(params) == {"local", "global", "adapter", "gate_head"}  # train_global: both experts train
+    assert np.abs(flat(grads["local"])).max() == 0.0 and np.abs(flat(grads["global"])).max() == 0.0
     assert np.abs(flat(grads["adapter"])).max() > 0 and np.abs(flat(grads["gate_head"])).max() > 0
-    assert set(params) == {"local", "adapter", "gate_head"}  # the global expert is ctx, not trained
 
 
 def test_learned_gate_routes_on_content_and_beats_both_experts():

@@ -107,12 +107,23 @@ class Stage(NamedTuple):
     # ((params entries trained, share of the steps), ...) (() = one segment training all); the
     # params entries whose optimizer state persists in the client state (``state['opt']``).
     holdout: float = 0.0
+    # Whether the held-out slice moves each round the client trains (``client.Sampler``), so its
+    # other parts see every example over time; False: the same slice every round.
+    rotate_holdout: bool = False
     segments: tuple[tuple[tuple[str, ...], float], ...] = ()
     persistent: tuple[str, ...] = ()
+    # ((params entry, factor), ...): entries whose optimizer steps are scaled (their learning
+    # rate is ``factor`` x the client's; FedMS's small gate, which sees few steps per round)
+    lr_factors: tuple[tuple[str, float], ...] = ()
     # The client-state entries the stage reads or writes (None: all of them). A round gathers
     # and scatters only these for its cohort: stage 1 of a two-stage method leaves the local
     # experts' slots alone, and moving them would be most of its program.
     state_keys: tuple[str, ...] | None = None
+    # observe(state, labels [max_n], mask [max_n]) -> state: what the stage keeps of the client's
+    # own training labels (mask: 1 at its real examples), run before ``client_init`` in every
+    # round the client trains (FedMS's label prior); it stays in the client state and is never
+    # uploaded. None: nothing.
+    observe: Callable[[PyTree, jax.Array, jax.Array], PyTree] | None = None
 
 
 class Algorithm(NamedTuple):

@@ -23,13 +23,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.fedms = ml_collections.ConfigDict()
     c.fedms.gate = "learned"  # learned | fixed (ablation: no gate network)
     c.fedms.local_weight = 0.5  # gate=fixed: the mixture's weight on the local expert
-    c.fedms.gate_rank = 16  # gate adapter bottleneck d -> r -> d
-    # global_feature: the frozen global expert's pooled feature | mean | cls of the branch point
+    c.fedms.gate_rank = 4  # gate adapter bottleneck d -> r -> d
+    # global_feature: the global expert's pooled feature | mean | cls of the branch point
     c.fedms.gate_input = "global_feature"
-    c.fedms.gate_holdout = 0.2  # examples held out of the local expert, for the gate only
-    c.fedms.mixing = "probs"  # probs (mix softmaxes) | logits
+    c.fedms.gate_holdout = 0.2  # examples held out of the experts in a round, for the gate only
+    c.fedms.rotate_holdout = True  # the held-out slice moves every round the client trains
+    c.fedms.mixing = "probs"  # probs (mix softmaxes) | logits | residual
     c.fedms.aux_weight = 0.0  # gate_holdout=0: + aux_weight * each expert's own cross-entropy
-    c.fedms.train_global = False  # keep training the global expert (FedAvg) in stage 2
+    c.fedms.train_global = True  # keep training the global expert (FedAvg) in stage 2
+    c.fedms.prior = "balanced"  # balanced softmax + each client's own log label prior | none
+    c.fedms.prior_smoothing = 1.0  # add-s smoothing of the client's label counts
+    c.fedms.local_start = "stage1"  # stage1: the local expert trains from round 0 (Ditto) | stage2
+    c.fedms.local_loss = "own"  # stage 2: own cross-entropy | mixture (APFL, gate + global fixed)
+    c.fedms.local_prox = 0.0  # (local_prox / 2) ||local - global||^2
+    c.fedms.local_expert = "own"  # own copy | offset from the received global expert
+    c.fedms.gate_lr_factor = 1.0  # the gate's learning rate as a multiple of client.lr
 
     c.fedprox = ml_collections.ConfigDict()
     c.fedprox.mu = 0.01
@@ -52,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     # model.frozen_blocks > 0: a directory keeping the frozen stem's tokens of the train and test
     # images, keyed by a hash of images, backbone and preprocessing ("": compute them every run)
     c.data.feature_cache = ""
+    c.data.validation = 0.0  # > 0: tuning; this fraction of each client's training data replaces the test split
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # hub id or local directory; "" = random ViT of the shape below

@@ -195,6 +195,23 @@ def split_test_like(
     return _sorted_parts(*_gather_parts(draws, sizes))
 
 
+def validation_split(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each client's training examples split into (train, validation): a uniformly random
+    ``round(fraction * n)`` of its ``n`` examples (at least 1 when n >= 2, never all of them)
+    become its validation split, the rest stay for training; both sorted. The tuning protocol
+    (``data.validation``) evaluates on these instead of the test split."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for p in parts:
+        n = len(p)
+        k = min(max(int(round(fraction * n)), 1 if n >= 2 else 0), max(n - 1, 0))
+        chosen = np.zeros(n, bool)
+        chosen[rng.permutation(n)[:k]] = True
+        train.append(np.sort(p[~chosen]))
+        val.append(np.sort(p[chosen]))
+    return train, val
+
+
 def summary(labels: np.ndarray, parts: list[np.ndarray], num_classes: int | None = None) -> str:
     """A printable table: examples and classes held per client."""
     num_classes = num_classes or int(labels.max()) + 1

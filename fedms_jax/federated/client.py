@@ -10,9 +10,15 @@ What a client's local training does, beyond the loss (all static per stage and s
 * **batches**: ``settings.epochs = E > 0`` makes E passes over the client's training examples
   without replacement (a fresh permutation per epoch, padding never drawn, the last partial
   batch masked); otherwise ``settings.local_steps`` batches drawn with replacement.
-* **a held-out slice** (``stage.holdout``): that fraction of each client's examples, a fixed
-  random subset per client (the same every round), never enters ``batch``; each step also
-  draws ``batch.held`` from it (FedMS's gate trains there).
+* **a held-out slice** (``stage.holdout``): that fraction of each client's examples never
+  enters ``batch`` in that round; each step also draws ``batch.held`` from it (FedMS's gate
+  trains there). The client's examples are in a fixed random order (the same every round); the
+  slice is its first ``h`` positions, or with ``stage.rotate_holdout`` the ``h`` positions
+  starting at ``participation * h`` (cyclically), so it moves by ``h`` each time the client
+  trains: every example is in the training part within two participations and in the held-out
+  part once every ``ceil(count / h)`` participations.
+* **the client's own statistics** (``stage.observe``): a stage may read the client's training
+  labels before the round (FedMS's label prior) and keep what it learns in the client state.
 * **segments** (``stage.segments``): consecutive parts of the round's steps that each train
   only some of the params' top-level entries (FedRep: the head, then the body).
 * **persistent optimizer state** (``stage.persistent``): the optimizer state of those top-level
@@ -110,8 +116,10 @@ class Sampler:
     """Which examples step ``i`` of a round reads, for one client (all static shapes).
 
     ``order`` [max_n]: the client's examples in a fixed random order (seeded by its split key,
-    the same every round); the first ``held`` of them are its held-out slice, the next
-    ``count - held`` its training examples. Without a held-out slice the order is the identity.
+    the same every round); ``held`` of them, from position ``offset`` on (cyclically over the
+    ``count`` real ones), are its held-out slice, the ``count - held`` after them its training
+    examples. ``offset`` is 0, or ``participation * held`` with ``rotate`` (the slice moves by
+    its size each round the client trains). Without a held-out slice the order is the identity.
 
     The round's draws are made once, before the steps, from streams of the client's round key:
     every step's batch with replacement (``CLIENT_BATCH``, [steps, B]), or one order per epoch
@@ -119,12 +127,18 @@ class Sampler:
     reads its row. (Drawing inside the step loop put a hash per draw into the loop body.)
     """
 
-    def __init__(self, settings, holdout: float, count: jax.Array, max_n: int, key: jax.Array, split_key: jax.Array):
+    def __init__(self, settings, holdout: float, count: jax.Array, max_n: int, key: jax.Array, split_key: jax.Array,
+                 participation: jax.Array | None = None, rotate: bool = False):
         self.b, self.epochs, self.max_n, self.key = settings.batch_size, settings.epochs, max_n, key
+        self.count = count
         self.held = holdout_size(count, holdout)
         self.train = count - self.held
         self.has_held = holdout > 0
         self.order = random_order(split_key, count, max_n) if self.has_held else None
+        self.offset = jnp.zeros((), jnp.int32)
+        if self.has_held and rotate:
+            p = jnp.zeros((), jnp.int32) if participation is None else participation.astype(jnp.int32)
+            self.offset = (p * self.held) % jnp.maximum(count, 1)
         self.per_epoch = -(-max_n // self.b)
         steps = num_steps(settings, max_n)
         if self.epochs:
@@ -137,7 +151,9 @@ class Sampler:
             self._held_draws = uniform_ints(rng.sub(key, Stream.CLIENT_HOLDOUT), (steps, self.b), self.held)
 
     def _pick(self, positions: jax.Array, offset: jax.Array) -> jax.Array:
-        return positions if self.order is None else self.order[offset + positions]
+        if self.order is None:
+            return positions
+        return self.order[(self.offset + offset + positions) % jnp.maximum(self.count, 1)]
 
     def batch(self, i: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Step i's training batch -> (indices [B], mask [B] float32)."""
@@ -151,7 +167,7 @@ class Sampler:
     def held_batch(self, i: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Step i's held-out batch (with replacement) -> (indices [B], mask [B]); mask 0 when the
         client has no held-out example."""
-        idx = self.order[self._held_draws[i]]
+        idx = self._pick(self._held_draws[i], 0)
         return idx, jnp.broadcast_to(self.held > 0, (self.b,)).astype(jnp.float32)
 
 
@@ -197,7 +213,8 @@ def local_train(
     images, labels = client["images"], client["labels"]
     max_n = images.shape[0]
     steps = num_steps(settings, max_n)
-    sampler = Sampler(settings, stage.holdout, client["count"], max_n, client["key"], client["split_key"])
+    sampler = Sampler(settings, stage.holdout, client["count"], max_n, client["key"], client["split_key"],
+                      client.get("participation"), stage.rotate_holdout)
     if uses_cache(settings, max_n):
         frozen = stage.featurize(backbone, ctx, settings.prep(images), phase)
         feats_of = lambda idx: jax.tree_util.tree_map(lambda f: f[idx], frozen)
@@ -213,6 +230,7 @@ def local_train(
         return Batch(feats_of(idx), labels[idx], mask, held)
 
     opt_states = init_opt_states(optimizer, params, carried_opt)
+    factors = dict(stage.lr_factors)
     losses, auxes, reals, start = [], [], [], 0
     for keys, count in segment_steps(stage, steps):
         keys = tuple(params) if keys is None else keys
@@ -233,10 +251,13 @@ def local_train(
             for e in trained:
                 units_p, units_g = split_units(trained[e]), split_units(grads[e])
                 new_units, new_opt[e] = {}, {}
+                factor = factors.get(e)
                 for u, p in units_p.items():
                     upd, new_opt[e][u] = optimizer.update(units_g[u], opt[e][u], p)
                     if scale is not None:
                         upd = jax.tree_util.tree_map(lambda x: x * scale, upd)
+                    if factor is not None:
+                        upd = jax.tree_util.tree_map(lambda x: x * factor, upd)
                     new_units[u] = optax.apply_updates(p, upd)
                 new_p[e] = _join_one(trained[e], new_units)
             real = batch.mask.sum() > 0
@@ -269,20 +290,25 @@ def _join_one(like: PyTree, units: dict) -> PyTree:
 def client_update(stage, phase: Phase, settings) -> Callable[[PyTree, PyTree], ClientOutput]:
     """One client's round at ``phase``: ``(backbone, down), client -> ClientOutput``.
 
-    client: {'images', 'labels', 'count', 'key', 'split_key', 'state'} of one client. Every
-    unit the client uploads is weighted by its example count. Entries in ``stage.persistent``
-    keep their optimizer state in ``state['opt']``.
+    client: {'images', 'labels', 'count', 'key', 'split_key', 'state'[, 'participation']} of one
+    client. Every unit the client uploads is weighted by its example count. Entries in
+    ``stage.persistent`` keep their optimizer state in ``state['opt']``. A stage's ``observe``
+    sees the client's labels first (and may keep statistics of them in its state).
     """
 
     def update(broadcast, client):
         backbone, down = broadcast
         state = client["state"]
+        if stage.observe is not None:
+            real = (jnp.arange(client["labels"].shape[0]) < client["count"]).astype(jnp.float32)
+            state = stage.observe(state, client["labels"], real)
         params, ctx = stage.client_init(down, state, phase)
         carried = state[OPT] if stage.persistent else None
         new, opt, loss, aux = local_train(stage, phase, settings, backbone, params, ctx, client, carried)
         upload, new_state = stage.client_final(down, state, params, new, phase)
         if stage.persistent:
-            new_state = {**new_state, OPT: {e: {**state[OPT][e], **opt[e]} for e in stage.persistent}}
+            # Entries of another stage's (e.g. the gate head's, in stage 1) pass through unchanged.
+            new_state = {**new_state, OPT: {**state[OPT], **{e: {**state[OPT][e], **opt[e]} for e in stage.persistent}}}
         upload = split_units(upload)
         count = client["count"].astype(jnp.float32)
         return ClientOutput(upload, {name: count for name in upload}, new_state, {"loss": loss, **aux})

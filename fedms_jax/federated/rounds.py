@@ -240,7 +240,8 @@ class Engine:
     def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array,
                state_keys: tuple[str, ...] | None = None, positions: jax.Array | None = None) -> PyTree:
         """One round's per-client inputs [cohort, ...]: id, images, labels, count, key, split_key,
-        state (the entries ``state_keys`` of the client states; None: all). ``positions``: the
+        participation (rounds each has trained in before), state (the entries ``state_keys`` of
+        the client states; None: all). ``positions``: the
         cohort's rows in ``data`` and ``clients`` (None: its ids, as when they hold every
         client; a streamed cohort's arrays hold just the cohort)."""
         rows = cohort_ids if positions is None else positions
@@ -253,6 +254,7 @@ class Engine:
             "key": rng.client_keys(self.seed, round_index, cohort_ids),
             # The same every round: a client's held-out split (``client.Sampler``) never moves.
             "split_key": rng.split_keys(self.seed, cohort_ids),
+            "participation": take(clients.participation),
             "state": jax.tree_util.tree_map(take, _entries(clients.local, state_keys)),
         }
 

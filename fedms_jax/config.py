@@ -651,6 +651,12 @@ class Config(_Section):
         _check(self.sal.k0 <= trainable or bool(m.pretrained), "sal.k0", self.sal.k0,
                f"must be <= model.layers={m.layers}" if not m.frozen_blocks else
                f"must be <= model.layers - model.frozen_blocks = {m.layers} - {m.frozen_blocks} = {trainable}")
+        # Known bug (issue 25): FedMS's stage-2 round with the global expert training deadlocks in
+        # a model-axis all-reduce under the tensor layout (8 CPU devices, 2x4); refused until fixed.
+        _check(not (self.algorithm == "fedms" and self.fedms.train_global and self.mesh.strategy == "tensor"
+                    and self.mesh.model > 1), "mesh.strategy", self.mesh.strategy,
+               "with algorithm='fedms' and fedms.train_global=true deadlocks (known bug): use "
+               "mesh.strategy='fsdp' or fedms.train_global=false")
         _check(not (self.dp.enabled and self.algorithm == "local"), "dp.clip", self.dp.clip,
                "algorithm='local' sends nothing to the server: there is nothing to privatise")
         chunk = self.placement.chunk_size

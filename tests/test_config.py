@@ -160,3 +160,15 @@ def test_fedadam_with_fedavgs_server_lr_is_an_error_naming_both_keys():
         tiny_config("server.optimizer=fedadam")
     assert "config.server.lr = 1.0" in str(e.value) and "config.server.optimizer = 'fedadam'" in str(e.value)
     assert tiny_config("server.optimizer=fedadam", "server.lr=0.01").server.lr == 0.01
+
+
+def test_fedms_training_global_expert_under_tensor_layout_is_refused_by_name():
+    """A known deadlock (FedMS stage 2 with the global expert training, mesh.strategy=tensor)
+    is refused before anything compiles, naming the field and the way out."""
+    from fed_helpers import tiny_config
+
+    with pytest.raises(ConfigError) as e:
+        tiny_config("algorithm=fedms", "stage1_rounds=1", "mesh.model=2", "mesh.strategy=tensor")
+    assert "mesh.strategy" in str(e.value) and "fedms.train_global=false" in str(e.value)
+    assert tiny_config("algorithm=fedms", "stage1_rounds=1", "mesh.model=2", "mesh.strategy=tensor",
+                       "fedms.train_global=false").mesh.strategy == "tensor"

@@ -32,9 +32,10 @@ def eight_devices(tmp_path_factory):
 
 def test_every_layout_equals_one_device(eight_devices):
     assert int(eight_devices["num_devices"]) == 8
-    server, _, _, _ = run_rounds(tiny_config("algorithm=fedms", "rounds=2", "stage1_rounds=1"), 2)
-    ref = flat(server.trainable)
+    refs = {t: flat(run_rounds(tiny_config("algorithm=fedms", "rounds=2", "stage1_rounds=1", *t), 2)[0].trainable)
+            for t in ((), ("fedms.train_global=false",))}
     for name in LAYOUTS:
+        ref = refs[("fedms.train_global=false",) if name.endswith("tensor") else ()]
         np.testing.assert_allclose(eight_devices[f"server_{name}"], ref, atol=1e-5, err_msg=name)
 
 

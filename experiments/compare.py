@@ -38,7 +38,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fedms_jax.config import apply_overrides, load_config, validate
+from fedms_jax.config import resolve
 from fedms_jax.federated import accounting
 
 METHODS: dict[str, list[str]] = {
@@ -88,7 +88,7 @@ def run_method(base: list[str], config_name: str, method: str, seed: int, workdi
                tuned: dict | None = None) -> dict:
     from fedms_jax.run import run
 
-    config = validate(apply_overrides(load_config(config_name), base + overrides_of(method, tuned) + [f"seed={seed}"]))
+    config = resolve(config_name, base + overrides_of(method, tuned) + [f"seed={seed}"])
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an old one
     start = time.perf_counter()
     out = run(config, workdir, progress=False)
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     tuned = json.loads(Path(args.tuned).read_text())["methods"] if args.tuned else None
     for m in methods:  # every config is validated before anything runs
         for s in seeds:
-            validate(apply_overrides(load_config(args.config), base + overrides_of(m, tuned) + [f"seed={s}"]))
+            resolve(args.config, base + overrides_of(m, tuned) + [f"seed={s}"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.workdir) if args.workdir else out / "runs"

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fedms_jax.config import apply_overrides, load_config, validate
+from fedms_jax.config import resolve
 from fedms_jax.run import run
 
 
@@ -35,7 +35,7 @@ def main() -> None:
         settings = [("no DP", "nodp", [])] + [(f"z={z}", f"z{z}", [f"dp.clip={args.clip}", f"dp.noise_multiplier={z}"])
                                               for z in args.noise.split(",")]
         for label, name, dp in settings:
-            config = validate(apply_overrides(load_config("embedded"), [f"algorithm={algorithm}", *dp, *extra]))
+            config = resolve("embedded", [f"algorithm={algorithm}", *dp, *extra])
             workdir = out / "runs" / f"{algorithm}_{name}"
             shutil.rmtree(workdir, ignore_errors=True)  # a fresh run (never a resume of another setting's)
             began = time.perf_counter()

@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedms_jax.config import apply_overrides, load_config, validate
+from fedms_jax.config import resolve
 from fedms_jax.federated import sharding
-from fedms_jax.federated.placement import Vmap
-from fedms_jax.federated.rounds import Engine, sample_cohort
-from fedms_jax.plan import Layout, default_layouts
+from fedms_jax.federated.rounds import sample_cohort
+from fedms_jax.plan import Layout, default_layouts, one_chunk
 
 WORKLOAD = ["model.hidden=192", "model.layers=6", "model.heads=6", "model.mlp_dim=768", "model.image_size=32",
             "model.patch_size=4", "client.local_steps=2", "client.batch_size=8", "cohort_size=8",
@@ -99,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args([a for a in argv if not a.startswith("--config.")])
     from fedms_jax.run import build
 
-    config = validate(apply_overrides(load_config("embedded"), WORKLOAD + overrides))
+    # Every layout runs the whole cohort as one vmapped chunk (``plan.one_chunk``).
+    config = one_chunk(resolve("embedded", WORKLOAD + overrides))
     n = len(jax.devices())
     layouts = [Layout.parse(t) for t in args.layouts.split(",") if t] or default_layouts(n)
     exp = build(config, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
@@ -114,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     runs, rows = [], {}
     for layout in layouts:
         try:
-            mesh = sharding.make_mesh(layout.clients, layout.model)
-            engine = Engine(algorithm, base.backbone, base.data, seed=config.seed,
-                            placement=Vmap(mesh, axes=sharding.client_axes(layout.strategy)), strategy=layout.strategy)
+            engine = base.with_layout(sharding.make_mesh(layout.clients, layout.model), layout.strategy)
         except ValueError as e:
             rows[layout] = f"| {layout} | not possible: {e} |"
             continue

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedms_jax.config import apply_overrides, load_config, validate
+from fedms_jax.config import resolve
 
 LRS = ("1e-3", "3e-3", "1e-2")
 KNOBS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -54,7 +54,7 @@ def run_setting(config_name: str, base: list[str], overrides: list[str], seed: i
     """One run with ``overrides`` on validation splits -> final personalised validation accuracy."""
     from fedms_jax.run import run
 
-    config = validate(apply_overrides(load_config(config_name), [*base, *overrides, f"seed={seed}"]))
+    config = resolve(config_name, [*base, *overrides, f"seed={seed}"])
     assert config.data.validation > 0, "tuning runs evaluate on validation splits only"
     shutil.rmtree(workdir, ignore_errors=True)
     out = run(config, workdir, progress=False)
@@ -67,7 +67,7 @@ def _name(overrides: list[str]) -> str:
 
 def _default(config_name: str, base: list[str], fixed: list[str], knob: str) -> float:
     """The value of ``knob`` ("section.field") in the method's config before tuning."""
-    config = validate(apply_overrides(load_config(config_name), [*base, *fixed]))
+    config = resolve(config_name, [*base, *fixed])
     section, field = knob.split(".")
     return float(getattr(getattr(config, section), field))
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     for m in methods:  # every setting is validated before anything runs
         for extra in [[f"client.lr={v}"] for v in lrs] + [
                 [f"{k}={v}"] for k, grid in KNOBS.get(m.split(" ")[0], {}).items() for v in grid]:
-            validate(apply_overrides(load_config(args.config), [*base, *method_overrides(m), *extra]))
+            resolve(args.config, [*base, *method_overrides(m), *extra])
     out = Path(args.out)
     runs = Path(args.workdir) if args.workdir else out / "runs"
     runs.mkdir(parents=True, exist_ok=True)

@@ -44,9 +44,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from fedms_jax import rng as rngs
+from fedms_jax.choices import BUDGET_MODES as MODES  # sal.budget_mode
 from fedms_jax.rng import Stream
-
-MODES = ("static", "dynamic")
 
 
 def uniform_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from fedms_jax.config import Config
+from fedms_jax.data.dataset import DataError
 from fedms_jax.data.features import FrozenStem
 from fedms_jax.data.preprocess import CLIP_STATS, IMAGENET_HALF, IMAGENET_STATS
 from fedms_jax.models.expert import Expert
@@ -49,7 +50,6 @@ def build_expert(config: Config, class_names: Sequence[str], rng: jax.Array) -> 
     if m.pretrained:
         from fedms_jax.models.hf import load_pretrained
 
-        from fedms_jax.data.sources import DataError
 
         try:
             pre = load_pretrained(m.pretrained, image_size=m.image_size)

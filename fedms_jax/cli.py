@@ -23,7 +23,7 @@ from typing import Sequence
 import ml_collections
 
 from fedms_jax.config import ConfigError, apply_overrides, load_config, validate
-from fedms_jax.data.sources import DataError
+from fedms_jax.data.dataset import DataError
 
 _FORMAT = argparse.RawDescriptionHelpFormatter  # keep the docstrings' line breaks
 _OVERRIDES = """\

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedms_jax.config import MIX_MODES
+from fedms_jax.choices import MIX_MODES
 
 PyTree = Any
 GLOBAL, LOCAL = 0, 1

@@ -23,8 +23,6 @@ import numpy as np
 
 from fedms_jax.config import Config
 from fedms_jax.federated import sharding
-from fedms_jax.federated.placement import Vmap
-from fedms_jax.federated.rounds import Engine
 
 MB = 1 << 20
 
@@ -61,12 +59,20 @@ def tree_mb(tree: Any) -> float:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)) / MB
 
 
+def one_chunk(config: Config) -> Config:
+    """``config`` with the placement every layout is compiled with: the vmap backend, the whole
+    cohort in one chunk. (The run's own chunk, sized for the one device the base experiment is
+    built on, need not split over a layout's client devices; ``Engine.with_layout`` keeps it.)"""
+    return dataclasses.replace(config, placement=dataclasses.replace(
+        config.placement, backend="vmap", chunk_size=config.cohort_size))
+
+
 def plan(config: Config, layouts: list[Layout]) -> list[dict]:
     """One row per layout (see the module docstring); a layout that does not fit the shapes gets
     an ``error`` instead of numbers."""
     from fedms_jax.run import build
 
-    exp = build(config, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    exp = build(one_chunk(config), mesh=sharding.make_mesh(devices=jax.devices()[:1]))
     algorithm, base = exp.algorithm, exp.engine
     phase = algorithm.phase(config.rounds - 1)
     cohort = np.arange(config.cohort_size, dtype=np.int32)
@@ -74,16 +80,12 @@ def plan(config: Config, layouts: list[Layout]) -> list[dict]:
     for layout in layouts:
         row: dict = {"layout": str(layout), "phase": f"stage {phase.stage}, k={phase.num_active}"}
         try:
-            mesh = sharding.make_mesh(layout.clients, layout.model)
-            engine = Engine(algorithm, base.backbone, base.data, seed=config.seed,
-                            placement=Vmap(mesh, axes=sharding.client_axes(layout.strategy)),
-                            strategy=layout.strategy, eval_clients=config.eval_clients, tiers=base.tiers, dp=base.dp)
+            engine = base.with_layout(sharding.make_mesh(layout.clients, layout.model), layout.strategy)
         except ValueError as e:
             rows.append({**row, "error": str(e)})
             continue
         # From the states' shapes (a streamed population: one cohort's states and data).
         server, clients = exp.states_like()
-        engine.data_like = base.data_like
         compiled = engine.lower_round(phase, server, clients, len(cohort), base.data_like if exp.streamed else None).compile()
         mem = compiled.memory_analysis()
         per_device = sharding.bytes_per_device(engine.backbone)

@@ -63,7 +63,7 @@ for n_clients, model, strategy in LAYOUTS:
     out[f"client_devices_{name}"] = len({s.device for s in per_client.addressable_shards})
     # The last round's program (stage 2, both blocks scanned) as the engine cached it: FLOPs per
     # device (XLA counts a loop body once, the same way for every layout) and its collectives.
-    compiled = engine.executables.get(*engine._lowering("round", engine.algorithm.phase(1), server, clients, 8))
+    compiled = engine.executables.get(*engine.lowering("round", engine.algorithm.phase(1), server, clients, 8))
     out[f"flops_{name}"] = compiled.cost_analysis()["flops"]
     for op, sizes in collectives(compiled.as_text()).items():
         out[f"{op}_{name}"] = np.asarray(sizes)

@@ -19,10 +19,10 @@ PACKAGE = Path(__file__).parents[1] / "fedms_jax"
 
 
 def _imports(path: Path) -> set[str]:
-    """The fedms_jax modules a file imports at module level (function-level imports are lazy
-    by design and cannot form a cycle at import time)."""
+    """The fedms_jax modules a file imports, anywhere in it (a function-level import is a
+    dependency too: a cycle through one is a cycle a reader has to untangle)."""
     out = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedms_jax"):
             out.add(node.module)
             out.update(f"{node.module}.{a.name}" for a in node.names)
@@ -58,14 +58,29 @@ def test_no_import_cycles():
     assert "fedms_jax.federated.rounds" in graph and "fedms_jax.algorithms.fedms" in graph
 
 
+def test_the_layers_below_the_config_import_nothing_from_it():
+    """Models, data, the engine (``federated``) and the protocol take plain values: none of their
+    modules imports ``fedms_jax.config`` (the choices are ``fedms_jax.choices``, plain tuples)."""
+    for sub in ("models", "data", "federated"):
+        for path in (PACKAGE / sub).rglob("*.py"):
+            bad = {i for i in _imports(path) if i == "fedms_jax.config" or i.startswith("fedms_jax.config.")}
+            assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}"
+
+
 def test_config_choices_are_what_the_code_implements():
-    """config.py (no jax) lists the choices; the modules that implement them agree."""
-    from fedms_jax import config
-    from fedms_jax.federated import sharding
+    """fedms_jax.choices (no jax) lists the choices the config checks; the registries of the
+    modules that implement them are keyed by the same names."""
+    from fedms_jax import algorithms, config
+    from fedms_jax.data import sources
+    from fedms_jax.federated import placement, server, sharding
     from fedms_jax.models import lora, transformer
 
     assert set(config.ACTIVATIONS) == set(transformer._ACTIVATIONS)
     assert set(config.STRATEGIES) == set(sharding.RULES)
+    assert tuple(algorithms.REGISTRY) == config.ALGORITHMS
+    assert tuple(server.OPTIMIZERS) == config.SERVER_OPTIMIZERS
+    assert tuple(placement.BACKENDS) == config.BACKENDS
+    assert set(config.FILE_SOURCES) <= set(sources.SOURCES)
     assert lora.LORA_TARGETS is config.LORA_TARGETS
     assert set(config.TWO_STAGE) <= set(config.ALGORITHMS) and set(config.USES_SAL) <= set(config.ALGORITHMS)
 

@@ -17,7 +17,7 @@ from fedms_jax.algorithms import ALGORITHMS, fedms
 from fedms_jax.config import FedMSConfig
 from fedms_jax.algorithms.fedms import COUNTS, GATE, mixture
 from fedms_jax.federated import types
-from fedms_jax.federated.client import Batch
+from fedms_jax.federated.protocol import Batch
 from fedms_jax.federated.types import Phase
 from fedms_jax.run import build
 

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import randomize_lora, tiny_vision_spec
 from fed_helpers import tiny_config
-from fedms_jax.algorithms import common
+from fedms_jax.federated import protocol
 from fedms_jax.builders import Built, split_frozen
 from fedms_jax.config import ConfigError, apply_overrides, load_config, validate
 from fedms_jax.data import features
@@ -97,7 +97,7 @@ def test_split_params_shares_leaves_and_refuses_bad_depths(tiny_expert, tiny_bac
 
 def test_prep_passes_tokens_through(tiny_expert, tiny_backbone):
     top_built, _ = split_frozen(Built(tiny_expert, tiny_backbone, STATS), 2)
-    settings = common.Settings(expert=top_built.expert, stats=STATS, schedule=None, client_optimizer=None,
+    settings = protocol.Settings(expert=top_built.expert, stats=STATS, schedule=None, client_optimizer=None,
                                server_optimizer=None, local_steps=1, batch_size=1)
     tokens = jnp.ones((2, 17, 32), jnp.float32)
     assert settings.prep(tokens) is tokens

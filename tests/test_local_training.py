@@ -13,9 +13,10 @@ import pytest
 
 from fed_helpers import flat, tiny_config
 from fedms_jax import mofm
-from fedms_jax.algorithms.common import Stage
+from fedms_jax.federated import ops
+from fedms_jax.federated.protocol import Batch, Features, Stage
 from fedms_jax.federated import client as cl
-from fedms_jax.federated.types import Features, Phase
+from fedms_jax.federated.types import Phase
 from fedms_jax.models.vision import Branch
 from fedms_jax.run import build
 
@@ -60,7 +61,7 @@ def _quadratic_stage(**fields):
     def loss(params, ctx, backbone, batch, rng, phase):
         x = batch.features.branch.hidden
         per = 0.5 * jnp.sum(jnp.square(params["w"]["x"] - x), -1) + 0.5 * jnp.sum(jnp.square(params["b"]["x"] - 2 * x), -1)
-        return cl.masked_mean(per, batch.mask), {}
+        return ops.masked_mean(per, batch.mask), {}
 
     featurize = lambda backbone, ctx, x, phase: Features(Branch(hidden=x, cls=x))
     return Stage(None, None, featurize, loss, None, None, None, None, **fields)
@@ -99,7 +100,7 @@ def test_persistent_optimizer_state_continues_across_rounds():
     opt = optax.adam(0.05)
     stage = _quadratic_stage(persistent=("w",))
     params = {"w": {"x": jnp.zeros(3)}, "b": {"x": jnp.zeros(3)}}
-    carried = cl.init_opt_states(opt, {"w": params["w"]})
+    carried = ops.init_opt_states(opt, {"w": params["w"]})
     s3 = _settings(steps=3, batch=8, optimizer=opt)
     client = _client(x, 8)
     p1, o1, _, _ = cl.local_train(stage, Phase(1, 1), s3, None, params, None, client, carried)
@@ -190,10 +191,10 @@ def test_ditto_personal_model_is_pulled_toward_the_received_global_one():
     w1 = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, down, _ce_grad(expert, backbone, down, x, y, n))
     gv = _ce_grad(expert, backbone, v0, x, y, n)
     v1 = jax.tree_util.tree_map(lambda p, g, w: p - 0.1 * (g + lam * (p - w)), v0, gv, down)
-    from fedms_jax.federated.types import join_units, select
+    from fedms_jax.federated.types import join_units, select, split_units
 
     np.testing.assert_allclose(flat(join_units(dict(out.upload))), flat(w1) - flat(down), rtol=1e-4, atol=1e-6)
-    got_v = select(out.state["expert"], list(cl.split_units(v0)))
+    got_v = select(out.state["expert"], list(split_units(v0)))
     np.testing.assert_allclose(flat(got_v), flat(v1), rtol=1e-4, atol=1e-6)
 
 
@@ -253,7 +254,7 @@ def test_gate_loss_leaves_both_experts_unchanged(fedms_client):
     params = {**params, "local": local, "gate_head": randomize_lora(params["gate_head"], jax.random.key(9), 0.3)}
     x, y = b.settings.prep(one["images"][:6]), one["labels"][:6]
     f = stage.featurize(b.engine.backbone, ctx, x, phase)
-    batch = cl.Batch(f, y, jnp.zeros(6), held=cl.Batch(f, y, jnp.ones(6)))
+    batch = Batch(f, y, jnp.zeros(6), held=Batch(f, y, jnp.ones(6)))
     grads = jax.grad(lambda p: stage.loss(p, ctx, b.engine.backbone, batch, None, phase)[0])(params)
     assert set(params) == {"local", "global", "adapter", "gate_head"}  # train_global: both experts train
     assert np.abs(flat(grads["local"])).max() == 0.0 and np.abs(flat(grads["global"])).max() == 0.0

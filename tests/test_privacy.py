@@ -270,8 +270,10 @@ def test_calibrated_noise_meets_the_target_and_no_less_noise_does(kind, target, 
 
 def test_calibration_refuses_unreachable_targets(monkeypatch):
     # Narrow search ranges keep this fast; the messages are the point.
-    monkeypatch.setattr(privacy, "_CALIBRATION_CEILING", 8.0)
-    monkeypatch.setattr(privacy, "_CALIBRATION_FLOOR", {"rdp": 0.25, "pld": 0.25})
+    from fedms_jax.privacy import accounting
+
+    monkeypatch.setattr(accounting, "_CALIBRATION_CEILING", 8.0)
+    monkeypatch.setattr(accounting, "_CALIBRATION_FLOOR", {"rdp": 0.25, "pld": 0.25})
     # RDP's conversion cannot go below log(1/delta) / (max order - 1) ~ 0.011 at any noise.
     with pytest.raises(ValueError, match=r"cannot reach target_epsilon=0\.001 .*rounds=10"):
         privacy.calibrate_noise_multiplier(1e-3, 1e-5, 10, [(100, 10)], "rdp")

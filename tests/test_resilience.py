@@ -309,8 +309,8 @@ def test_bad_input_from_the_command_line(tmp_path, capsys, monkeypatch, override
 
 
 def test_client_without_examples_is_refused(monkeypatch):
-    from fedms_jax import run as run_module
-    from fedms_jax.data.sources import DataError
+    from fedms_jax import experiment as run_module
+    from fedms_jax.data.dataset import DataError
 
     original = run_module.partition_clients
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from fedms_jax.config import apply_overrides, load_config, validate
+from fedms_jax.config import resolve
 from fedms_jax.federated import accounting
 from fedms_jax.run import build
 
@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
+    if "-h" in rest or "--help" in rest:
+        print(__doc__)
+        return
     name = rest[rest.index("--config") + 1] if "--config" in rest else "embedded"
-    config = validate(apply_overrides(load_config(name), overrides))
+    config = resolve(name, overrides)
     exp = build(config)
     if exp.resources is None:
         raise SystemExit("set --config.sal.budgets=... (this measures budget tiers)")

@@ -52,7 +52,7 @@ def _write(out: Path, name: str, result: dict) -> None:
 def overhead(rounds: int, block: int) -> dict:
     import jax
 
-    from fedms_jax.config import apply_overrides, load_config, validate
+    from fedms_jax.config import resolve
     from fedms_jax.run import build
 
     variants = {"device": ["population.mode=device"],
@@ -60,7 +60,7 @@ def overhead(rounds: int, block: int) -> dict:
                 "streamed": ["population.mode=streamed"]}
     # Many rounds at fixed phases (no eval, so nothing else is timed); the prefetch runs to the end.
     fixed = ["compile.ahead=false", "rounds=1000", "stage1_rounds=12"]
-    exps = {name: build(validate(apply_overrides(load_config("embedded"), o + fixed))) for name, o in variants.items()}
+    exps = {name: build(resolve("embedded", o + fixed)) for name, o in variants.items()}
     config = next(iter(exps.values())).config
     last = config.rounds - 1  # stage 2 at the schedule's top level
     out = {"setting": "embedded (FedMS, digits, 20 clients, cohort 8)", "rounds_per_variant": rounds, "block": block,
@@ -110,7 +110,7 @@ def worker(args) -> None:
     """Runs ``run.run`` on ``args.overrides`` in ``args.workdir`` and prints one JSON line."""
     import jax
 
-    from fedms_jax.config import apply_overrides, load_config, validate
+    from fedms_jax.config import resolve
     from fedms_jax.run import Callback, run
 
     class DeviceBytes(Callback):
@@ -122,7 +122,7 @@ def worker(args) -> None:
         def on_round(self, end):
             self.peak = max(self.peak, sum(x.nbytes for x in jax.live_arrays()))
 
-    config = validate(apply_overrides(load_config(args.config), args.overrides))
+    config = resolve(args.config, args.overrides)
     began = time.perf_counter()
     device = DeviceBytes()
     result = run(config, args.workdir, progress=False, callbacks=[device])

@@ -20,7 +20,6 @@ import gzip
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -33,12 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-import suite  # noqa: E402
+import workload  # experiments/benchmarks/workload.py, beside this script (on sys.path when run by its path)
 
-from fedms_jax.federated import accounting  # noqa: E402
-from fedms_jax.federated.types import Phase  # noqa: E402
-from fedms_jax.models import transformer  # noqa: E402
+from fedms_jax.federated import accounting
+from fedms_jax.federated.types import Phase
+from fedms_jax.models import transformer
 
 
 def ablate(parts: list[str]) -> None:
@@ -95,13 +93,13 @@ def main() -> None:
     a = p.parse_args()
     parts = [x for x in a.without.split(",") if x]
     ablate(parts)
-    s = suite.FULL
-    w = suite.make(s, s.w1_clients, a.steps, s.w1_batch)
+    s = workload.FULL
+    w = workload.make(s, s.w1_clients, a.steps, s.w1_batch)
     engine, phase = w.engine, Phase(1, a.k)
     flops = accounting.client_flops(engine, w.server, w.clients, phase) * s.w1_clients
-    r = suite.timed_rounds(w, phase, a.repeats)
+    r = workload.timed_rounds(w, phase, a.repeats)
     print(f"W1 k={a.k}, {a.steps} steps, without {parts or 'nothing'}: {r['median']:.3f} s/round, "
-          f"{flops / 1e9:.0f} GFLOP, {flops / r['median'] / 1e9:.0f} GFLOP/s, chunk {suite.chunk_size(engine)}")
+          f"{flops / 1e9:.0f} GFLOP, {flops / r['median'] / 1e9:.0f} GFLOP/s, chunk {workload.chunk_size(engine)}")
     if a.trace:
         trace_dir = Path(a.trace)
         shutil.rmtree(trace_dir, ignore_errors=True)

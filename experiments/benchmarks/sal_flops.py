@@ -25,10 +25,9 @@ import jax
 import transformers
 
 from fedms_jax.algorithms import make_algorithm
-from fedms_jax.config import apply_overrides, load_config, validate
+from fedms_jax.config import resolve
 from fedms_jax.data.sources import load_synthetic
 from fedms_jax.federated import accounting
-from fedms_jax.federated.rounds import Engine
 from fedms_jax.federated.types import Phase
 from fedms_jax.models.transformer import EncoderSpec
 from fedms_jax.models.vision import VisionSpec
@@ -51,7 +50,7 @@ MODELS = {
 def experiment(spec: VisionSpec, batch: int, steps: int) -> Experiment:
     """A one-client FedAvg+SAL experiment whose expert has the architecture ``spec``."""
     enc = spec.encoder
-    config = validate(apply_overrides(load_config("embedded"), [
+    config = resolve("embedded", [
         "algorithm=fedavg_sal", f"model.hidden={enc.hidden_size}", f"model.layers={enc.num_layers}",
         f"model.heads={enc.num_heads}", f"model.mlp_dim={enc.mlp_dim}", f"model.hidden_act={enc.hidden_act}",
         f"model.image_size={spec.image_size}", f"model.patch_size={spec.patch_size}", "model.dtype=float32",
@@ -59,7 +58,7 @@ def experiment(spec: VisionSpec, batch: int, steps: int) -> Experiment:
         "client.optimizer=sgd", "client.lr=0.1", "client.schedule=constant", f"client.local_steps={steps}",
         f"client.batch_size={batch}", "data.name=synthetic", "data.num_clients=1", "cohort_size=1",
         "data.partition=iid", "checkpoint.every=0",
-    ]))
+    ])
     data = load_synthetic(num_train=steps * batch, num_test=8, num_classes=NUM_CLASSES,
                           image_size=spec.image_size, seed=config.seed)
     exp = build(config, datasets=data)
@@ -68,10 +67,7 @@ def experiment(spec: VisionSpec, batch: int, steps: int) -> Experiment:
     # An architecture outside the config's random ViT (CLIP): the same experiment with its expert.
     expert = dataclasses.replace(exp.settings.expert, spec=spec)
     algorithm = make_algorithm(config, dataclasses.replace(exp.settings, expert=expert))
-    old = exp.engine
-    engine = Engine(algorithm, jax.jit(expert.init_backbone)(jax.random.key(0)), old.data, seed=config.seed,
-                    placement=old.placement, strategy=old.strategy,
-                    eval_clients=old.eval_clients, eval_batch=old.eval_batch)
+    engine = exp.engine.with_layout(algorithm=algorithm, backbone=jax.jit(expert.init_backbone)(jax.random.key(0)))
     return dataclasses.replace(exp, algorithm=algorithm, engine=engine)
 
 

@@ -22,8 +22,14 @@ Writes ``DIR/results.json`` and ``DIR/results.md``. Sections (``--only`` picks s
 
 Timings are medians over ``--repeats`` rounds after one warm-up round (which compiles). The
 suite uses the package's defaults (fedms_jax/perf.py): YNNPACK fusions off on CPU and cache-sized
-client chunks; ``--chunk`` overrides the chunk. ``--tiny`` shrinks every size so the whole suite
-runs in about a minute (the smoke test). Results hold for the machine they ran on only.
+client chunks; ``--config.placement.chunk_size=N`` overrides the chunk (any ``--config.KEY=VALUE``
+goes to every workload). ``--tiny`` shrinks every size so the whole suite runs in about a minute
+(the smoke test). Results hold for the machine they ran on only.
+
+This file is the CLI and the sections; the workloads and their timing are in ``workload.py``,
+the tables and result files in ``report.py``, the start-up section in ``startup.py``: sibling
+modules, imported as such because running a script by its path puts its directory on
+``sys.path`` (run it as ``python experiments/benchmarks/suite.py``, not with ``-m``).
 """
 from __future__ import annotations
 
@@ -31,9 +37,7 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import threading
@@ -48,114 +52,15 @@ if __name__ == "__main__":  # before any JAX backend starts
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fedms_jax.config import apply_overrides, load_config, validate
-from fedms_jax.data.sources import load_synthetic
+# Siblings in this directory (on sys.path when this script is run by its path).
+from report import machine, save_json, save_markdown
+from workload import FULL, TINY, Sizes, chunk_size, make, matmul_flops, timed_rounds
+
 from fedms_jax.federated import accounting
-from fedms_jax.federated.placement import Vmap
-from fedms_jax.federated.rounds import Engine, sample_cohort
-from fedms_jax.federated.types import ClientStates, Phase, ServerState
+from fedms_jax.federated.rounds import sample_cohort
+from fedms_jax.federated.types import Phase
 from fedms_jax.models.lora import count_params
-from fedms_jax.run import Experiment, build
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """Every size the suite uses; ``FULL`` is the issue's workloads, ``TINY`` the smoke test's."""
-
-    hidden: int
-    layers: int
-    heads: int
-    mlp: int
-    image: int
-    patch: int
-    w1_clients: int
-    w1_steps: int
-    w1_batch: int
-    w1_ks: tuple[int, ...]
-    w2_steps: int
-    w2_batch: int
-    backend_clients: tuple[int, ...]
-    compile_rounds: int
-    compile_clients: int
-    memory_cohorts: tuple[int, ...]
-    fedms_ks: tuple[int, ...]
-    matmul: int
-
-
-FULL = Sizes(192, 12, 3, 768, 32, 4, 16, 5, 32, (12, 6, 3, 1), 2, 8, (16, 64, 256), 20, 16, (1, 4, 16, 64), (12, 6), 2048)
-TINY = Sizes(32, 2, 2, 64, 8, 4, 2, 2, 4, (2, 1), 1, 4, (2, 4), 4, 2, (1, 2), (1,), 256)
-
-
-def model_overrides(s: Sizes) -> list[str]:
-    return [
-        f"model.hidden={s.hidden}", f"model.layers={s.layers}", f"model.heads={s.heads}", f"model.mlp_dim={s.mlp}",
-        f"model.image_size={s.image}", f"model.patch_size={s.patch}", "model.dtype=float32",
-        "lora.rank=8", "lora.targets=q,v", "data.partition=iid", "data.name=synthetic",
-        "client.optimizer=sgd", "client.lr=0.01", "checkpoint.every=0",
-    ]
-
-
-@dataclasses.dataclass
-class Workload:
-    """A built ``Experiment`` and its current states. Rounds donate their input states, so
-    ``timed_rounds`` stores each round's outputs here (the experiment itself is frozen and keeps
-    the initial, by then donated, ones)."""
-
-    exp: Experiment
-    server: ServerState
-    clients: ClientStates
-
-    @property
-    def engine(self) -> Engine:
-        return self.exp.engine
-
-
-def chunk_size(engine: Engine) -> int | None:
-    """Clients per vmapped chunk (None: the whole cohort at once, or the sequential backend)."""
-    return engine.placement.chunk_size if isinstance(engine.placement, Vmap) else None
-
-
-def make(s: Sizes, clients: int, steps: int, batch: int, *extra: str) -> Workload:
-    """``run.build`` on synthetic data at the model's resolution: ``clients`` clients with two
-    batches of examples each, every client in the cohort."""
-    config = validate(apply_overrides(load_config("embedded"), model_overrides(s) + [
-        f"data.num_clients={clients}", f"cohort_size={clients}", f"client.local_steps={steps}",
-        f"client.batch_size={batch}", f"data.min_examples={min(batch, 16)}", "algorithm=fedavg_sal",
-        "sal.mode=fixed", *extra,
-    ]))
-    data = load_synthetic(num_train=clients * 2 * batch, num_test=64, image_size=s.image, seed=config.seed)
-    exp = build(config, datasets=data)
-    return Workload(exp, *exp.init_states())
-
-
-def timed_rounds(w: Workload, phase: Phase, repeats: int) -> dict:
-    """One warm-up round, then ``repeats`` timed rounds at ``phase``: seconds of each."""
-    engine, server, clients = w.engine, w.server, w.clients
-    cohort = np.arange(w.exp.config.cohort_size, dtype=np.int32)
-    times = []
-    for t in range(repeats + 1 if repeats else 1):
-        start = time.perf_counter()
-        server, clients, metrics = engine.run_round(server, clients, t, phase, cohort)
-        jax.block_until_ready((server, clients, metrics))
-        times.append(time.perf_counter() - start)
-    w.server, w.clients = server, clients
-    return {"first": times[0], "seconds": times[1:], "median": statistics.median(times[1:] or times)}
-
-
-def matmul_flops(n: int, repeats: int = 10) -> float:
-    """FLOP/s of a jitted n x n fp32 matmul (median of ``repeats`` after a warm-up)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2.0 * n**3 / statistics.median(times)
 
 
 # --- sections ------------------------------------------------------------------------------
@@ -322,104 +227,6 @@ def bench_fedms(s: Sizes, repeats: int, extra: list[str]) -> dict:
     return {"rows": rows, "targets": {f"stage 2 <= 1.4x stage 1 at k={r['k']}": r["ratio"] <= 1.4 for r in rows}}
 
 
-# --- report --------------------------------------------------------------------------------
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    d = jax.devices()[0]
-    return {
-        "platform": d.platform, "device": getattr(d, "device_kind", str(d)), "devices": jax.device_count(),
-        "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-
-
-def _table(title: str, header: list[str], rows: list[list[Any]]) -> list[str]:
-    """A markdown table under a heading, as lines (with a blank line after)."""
-    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
-    return [title, "", line(header), "|" + "---|" * len(header), *map(line, rows), ""]
-
-
-def markdown(r: dict) -> str:
-    m = r["machine"]
-    out = [f"Machine: {m['device']} ({m['platform']}, {m['devices']} device(s)); CPU {m['cpu']}, {m['cpu_count']} cores; "
-           f"jax {m['jax']}; XLA_FLAGS `{m['xla_flags']}`", ""]
-    if "w1" in r:
-        w = r["w1"]
-        out += _table(
-            f"### W1: s/round, images/s, utilisation (matmul {w['matmul_n']}^2 fp32: "
-            + " / ".join(f"{x / 1e9:.0f}" for x in w["matmul_flops_per_second"])
-            + f" GFLOP/s before / after; client chunk {w['chunk_size'] or 'whole cohort'})",
-            ["k", "s/round", "images/s", "GFLOP/round", "GFLOP/s", "utilisation", "FLOP-ratio prediction", "vs prediction"],
-            [[row["k"], f"{row['median']:.3f}", f"{row['images_per_second']:.0f}", f"{row['flops_per_round'] / 1e9:.0f}",
-              f"{row['flops_per_second'] / 1e9:.0f}", f"{row['utilisation']:.0%}", f"{row['predicted_seconds']:.3f}",
-              f"{row['vs_prediction']:+.1%}"] for row in w["rows"]],
-        )
-    if "backends" in r:
-        out += _table(
-            "### W2: vmap vs sequential backend",
-            ["clients", "vmap s/round", "vmap chunk", "sequential s/round", "sequential / vmap"],
-            [[row["clients"], f"{row['vmap']['median']:.3f}", row["chunk_size"] or row["clients"],
-              f"{row['sequential']['median']:.3f}", f"{row['ratio']:.2f}x"] for row in r["backends"]["rows"]],
-        )
-    if "compile" in r:
-        c = r["compile"]
-        out += ["### Compilation over a growing SAL run", "",
-                f"{c['rounds']} rounds, k = {' '.join(map(str, c['ks']))}: {c['distinct_k']} distinct k, "
-                f"{c['xla_compilations']} XLA compilations, {c['round_programs_traced']} round programs traced; "
-                f"{c['compile_seconds']:.1f} s compiling + {c['trace_and_lower_seconds']:.1f} s tracing/lowering "
-                f"of {c['total_seconds']:.1f} s in all.", ""]
-    if "memory" in r:
-        mm = r["memory"]
-        label = "peak device MiB" if mm["measure"] == "device_peak_bytes" else "peak host RSS during rounds MiB"
-        mib = lambda v: "-" if v is None else f"{v / 2**20:.1f}"
-        out += _table(
-            f"### Memory vs cohort size (W2; backbone {mm['backbone_bytes'] / 2**20:.1f} MiB, "
-            f"{mm['rows'][0]['backbone_params'] / 1e6:.2f} M params)",
-            ["clients", "chunk", label, "host RSS after build MiB", "XLA arguments MiB", "XLA temp MiB", "client data MiB"],
-            [[row["cohort"], row["chunk_size"] or row["cohort"], mib(row[mm["measure"]]), mib(row["rss_after_build_bytes"]),
-              mib(row["xla_argument_bytes"]), mib(row["xla_temp_bytes"]), mib(row["data_bytes"])] for row in mm["rows"]],
-        )
-        out += [f"Growth per added client: {mm['growth_bytes_per_client'] / 2**20:.2f} MiB "
-                f"(a per-client backbone copy would add {mm['backbone_bytes'] / 2**20:.1f} MiB).", ""]
-    if "fedms" in r:
-        out += _table(
-            "### FedMS stage 2 vs stage 1 (W1)",
-            ["k", "stage 1 s/round", "stage 2 s/round", "time ratio", "FLOP ratio"],
-            [[row["k"], f"{row['stage1']['median']:.3f}", f"{row['stage2']['median']:.3f}", f"{row['ratio']:.2f}x",
-              f"{row['flop_ratio']:.2f}x"] for row in r["fedms"]["rows"]],
-        )
-    if "startup" in r:
-        st = r["startup"]
-        rows = []
-        for dtype in ("float32", "bfloat16"):
-            v = st[f"vitb32_{dtype}"]
-            for row in v["per_k"]:
-                rows.append([dtype, row["k"], f"{v['build_s']:.1f}" if row is v["per_k"][0] else "",
-                             f"{row['lower_s']:.2f}", f"{row['compile_s']:.2f}",
-                             f"{row['build_to_first_round_s']:.1f}" if "build_to_first_round_s" in row else "",
-                             f"{row['s_per_round']:.3f}" if "s_per_round" in row else ""])
-        v = st["vitb32_float32"]
-        out += _table(f"### Start-up: ViT-B/32 shape ({v['clients']} clients x {v['steps']} steps x {v['batch']})",
-                      ["dtype", "k", "build s", "trace+lower s", "compile s", "build to first round s", "s/round"], rows)
-        jobs = st["default"]
-        out += _table("### Start-up: the default job (`fedms-jax run`)",
-                      ["cache", "wall s", "XLA compiles", "cache hits", "first round done s"],
-                      [[name, f"{j['wall_s']:.1f}", j.get("timing", {}).get("compiles", "-"),
-                        j.get("timing", {}).get("cache_hits", "-"),
-                        f"{j['timing']['first_round_done_s']:.1f}" if "timing" in j else "-"] for name, j in jobs.items()])
-    targets = {k: v for sec in r.values() if isinstance(sec, dict) for k, v in sec.get("targets", {}).items()}
-    if targets:
-        out += _table("### Targets", ["target", "met"], [[k, "yes" if v else "no"] for k, v in targets.items()])
-    return "\n".join(out) + "\n"
-
-
 def bench_startup(tiny: bool, extra: list[str]) -> dict:
     """Start-up costs (``startup.py``): the ViT-B/32-shaped workload (fp32, bf16) -- build
     seconds, per-phase lower and compile seconds, time to the first round, s/round -- and the
@@ -479,12 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         results[name] = runners[name]()
         results[name]["section_seconds"] = time.perf_counter() - start
-        # Written after every section, so a long run interrupted late keeps what it measured.
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(out / "results.json")
-    (out / "results.md").write_text(markdown(results))
-    print(markdown(results))
+        save_json(out, results)  # after every section: a long run interrupted late keeps what it measured
+    print(save_markdown(out, results))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ same engine; ``make_algorithm`` builds the one a config names.
 """
 from __future__ import annotations
 
-from fedms_jax.algorithms.common import Algorithm, Settings, Stage, single, staged
+from typing import Any, Callable
+
+from fedms_jax.federated.protocol import Algorithm, Settings, Stage, single, staged
 from fedms_jax.algorithms.ditto import ditto
 from fedms_jax.algorithms.fedavg import fedavg, fedprox
 from fedms_jax.algorithms.fedms import fedms
@@ -23,37 +25,34 @@ from fedms_jax.algorithms.fedper import fedper
 from fedms_jax.algorithms.fedrep import fedrep
 from fedms_jax.algorithms.finetune import finetune
 from fedms_jax.algorithms.local import local
-from fedms_jax.config import ALGORITHMS, USES_SAL
+from fedms_jax.choices import ALGORITHMS, USES_SAL
 
 __all__ = [
-    "ALGORITHMS", "USES_SAL", "Algorithm", "Settings", "Stage", "ditto", "fedavg", "fedms",
+    "ALGORITHMS", "REGISTRY", "USES_SAL", "Algorithm", "Settings", "Stage", "ditto", "fedavg", "fedms",
     "fedper", "fedprox", "fedrep", "finetune", "local", "make_algorithm", "single", "staged",
 ]
 
+# config.algorithm -> (settings, config) -> Algorithm; the options are the config's own sections.
+REGISTRY: dict[str, Callable[[Settings, Any], Algorithm]] = {
+    "fedms": lambda s, c: fedms(s, c.stage1_rounds, c.fedms),
+    "fedavg_sal": lambda s, c: fedavg(s, "fedavg_sal"),
+    "fedavg": lambda s, c: fedavg(s, "fedavg"),
+    "fedprox": lambda s, c: fedprox(s, c.fedprox),
+    "fedper": lambda s, c: fedper(s),
+    "fedrep": lambda s, c: fedrep(s, c.fedrep),
+    "ditto": lambda s, c: ditto(s, c.ditto),
+    "local": lambda s, c: local(s),
+    "finetune": lambda s, c: finetune(s, c.stage1_rounds),
+}
+assert tuple(REGISTRY) == ALGORITHMS, "fedms_jax.choices.ALGORITHMS and the registry disagree"
+
 
 def make_algorithm(config, settings: Settings) -> Algorithm:
-    """The algorithm ``config.algorithm`` (a validated ``config.Config``) over ``settings``; its
-    options are the config's own sections (``config.fedms``, ``config.fedprox``).
+    """The algorithm ``config.algorithm`` (a validated ``config.Config``) over ``settings``.
 
     Algorithms outside ``USES_SAL`` train every block (``sal.*`` does not apply to them).
     """
     name = config.algorithm
-    if name not in USES_SAL:
-        settings = settings.with_schedule("all")
-    if name == "fedms":
-        return fedms(settings, config.stage1_rounds, config.fedms)
-    if name in ("fedavg", "fedavg_sal"):
-        return fedavg(settings, name)
-    if name == "fedprox":
-        return fedprox(settings, config.fedprox)
-    if name == "fedper":
-        return fedper(settings)
-    if name == "fedrep":
-        return fedrep(settings, config.fedrep)
-    if name == "ditto":
-        return ditto(settings, config.ditto)
-    if name == "local":
-        return local(settings)
-    if name == "finetune":
-        return finetune(settings, config.stage1_rounds)
-    raise ValueError(f"config.algorithm = {name!r}: must be one of {list(ALGORITHMS)}")
+    if name not in REGISTRY:
+        raise ValueError(f"config.algorithm = {name!r}: must be one of {list(ALGORITHMS)}")
+    return REGISTRY[name](settings if name in USES_SAL else settings.with_schedule("all"), config)

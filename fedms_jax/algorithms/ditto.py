@@ -15,9 +15,10 @@ from __future__ import annotations
 import jax
 
 from fedms_jax.algorithms.common import (
-    Algorithm, Settings, cross_entropy, delta, expert_logits, expert_stage, local_expert,
-    local_expert_states, opt_states, single, store_local,
+    expert_logits, expert_stage, local_expert, local_expert_states, opt_states, store_local,
 )
+from fedms_jax.federated.ops import cross_entropy, delta
+from fedms_jax.federated.protocol import Algorithm, Settings, single
 from fedms_jax.algorithms.fedavg import init_expert, prox_term
 from fedms_jax.config import DittoConfig
 from fedms_jax.federated import server as srv

@@ -16,9 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedms_jax.algorithms.common import (
-    Algorithm, Settings, Stage, cross_entropy, expert_logits, expert_stage, fresh_clients, single,
-)
+from fedms_jax.algorithms.common import expert_logits, expert_stage, fresh_clients
+from fedms_jax.federated.ops import cross_entropy
+from fedms_jax.federated.protocol import Algorithm, Settings, Stage, single
 from fedms_jax.config import FedProxConfig
 from fedms_jax.federated import server as srv
 

@@ -44,14 +44,14 @@ import jax.numpy as jnp
 
 from fedms_jax import mofm
 from fedms_jax.algorithms.common import (
-    Algorithm, Settings, active, cross_entropy, delta, expert_logits, expert_stage,
-    local_expert, local_expert_states, opt_states, staged, store_local,
+    active, expert_logits, expert_stage, local_expert, local_expert_states, opt_states, store_local,
 )
+from fedms_jax.federated.ops import cross_entropy, delta, featurize_branch, masked_mean
+from fedms_jax.federated.protocol import Algorithm, Features, Settings, staged
 from fedms_jax.algorithms.fedavg import init_expert, prox_term
 from fedms_jax.config import FedMSConfig
 from fedms_jax.federated import server as srv
-from fedms_jax.federated.client import featurize_branch, masked_mean
-from fedms_jax.federated.types import EXPERTS, Features, tree_where
+from fedms_jax.federated.types import EXPERTS, tree_where
 
 PyTree = Any
 GATE = "gate"  # the gate adapter's unit in the server tree

@@ -7,9 +7,9 @@ head's optimizer state persists on its client across rounds.
 """
 from __future__ import annotations
 
-from fedms_jax.algorithms.common import (
-    Algorithm, Settings, Stage, active, delta, expert_stage, fresh_clients, opt_states, single, stack,
-)
+from fedms_jax.algorithms.common import active, expert_stage, fresh_clients, opt_states
+from fedms_jax.federated.ops import delta, stack
+from fedms_jax.federated.protocol import Algorithm, Settings, Stage, single
 from fedms_jax.algorithms.fedavg import init_expert
 from fedms_jax.federated import server as srv
 

@@ -9,7 +9,7 @@ client. No global model (no shared head).
 """
 from __future__ import annotations
 
-from fedms_jax.algorithms.common import Algorithm, Settings, single
+from fedms_jax.federated.protocol import Algorithm, Settings, single
 from fedms_jax.algorithms.fedper import local_head_init, local_head_stage
 from fedms_jax.config import FedRepConfig
 

@@ -8,8 +8,9 @@ client starts from them); the global expert stays as stage 1 left it.
 from __future__ import annotations
 
 from fedms_jax.algorithms.common import (
-    Algorithm, Settings, expert_stage, local_expert, local_expert_states, opt_states, staged, store_local,
+    expert_stage, local_expert, local_expert_states, opt_states, store_local,
 )
+from fedms_jax.federated.protocol import Algorithm, Settings, staged
 from fedms_jax.algorithms.fedavg import fedavg_stage, init_expert
 from fedms_jax.federated import server as srv
 

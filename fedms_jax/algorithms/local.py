@@ -5,7 +5,9 @@ each client's expert and its optimizer state live in its persistent state.
 """
 from __future__ import annotations
 
-from fedms_jax.algorithms.common import Algorithm, Settings, active, expert_stage, fresh_clients, opt_states, single, stack
+from fedms_jax.algorithms.common import active, expert_stage, fresh_clients, opt_states
+from fedms_jax.federated.ops import stack
+from fedms_jax.federated.protocol import Algorithm, Settings, single
 from fedms_jax.algorithms.fedavg import init_expert
 from fedms_jax.federated.types import ServerState, replace_units
 

@@ -8,7 +8,7 @@ import flax.struct
 import jax
 import numpy as np
 
-from fedms_jax.data.sources import Dataset
+from fedms_jax.data.dataset import Dataset
 
 
 @flax.struct.dataclass

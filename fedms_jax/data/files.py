@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedms_jax.data.sources import DataError, Dataset
+from fedms_jax.data.dataset import DataError, Dataset
 
 IDX_DTYPES = {0x08: np.uint8}  # unsigned byte: images and labels of every MNIST-family set
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from fedms_jax.data.sources import DataError
+from fedms_jax.data.dataset import DataError
 
 
 class PartitionError(DataError):

@@ -6,46 +6,13 @@ labels [N]; resizing and normalisation happen later, inside the jitted step.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Malformed or unusable data: wrong image shape or dtype, labels out of range, a client
-    with no examples, an unknown dataset."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """images: uint8 [N, H, W, C]; labels: int32 [N] in [0, num_classes)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise DataError(
-                f"dataset images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}"
-            )
-        if self.labels.shape != (self.images.shape[0],):
-            raise DataError(
-                f"dataset labels must have shape [{self.images.shape[0]}], got {self.labels.shape}"
-            )
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
-            bad = self.labels[(self.labels < 0) | (self.labels >= self.num_classes)][0]
-            raise DataError(
-                f"label {int(bad)} is out of range [0, {self.num_classes}) ({self.num_classes} class names)"
-            )
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+from fedms_jax.choices import FILE_SOURCES
+from fedms_jax.data import files
+from fedms_jax.data.dataset import DataError, Dataset
 
 
 def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,17 +161,25 @@ def load_dataset(
     or num_clients=0) that is ``load_synthetic()``'s 1024 / 256, bitwise; larger sizes are new
     draws from the same seeds. The other sources ignore ``num_clients`` and ``min_examples``.
     """
-    if name == "digits":
-        return load_digits(seed=seed)
-    if name == "synthetic":
-        clients, per_client = max(int(num_clients), 0), max(int(min_examples), 1)
-        return load_synthetic(
-            num_train=max(1024, 2 * per_client * clients), num_test=max(256, 2 * clients), seed=seed
-        )
-    if name in ("idx", "folder"):
-        from fedms_jax.data import files
+    if name in FILE_SOURCES and not data_dir:
+        raise DataError(f"data.name={name!r} reads local files: set data.data_dir")
+    if name not in SOURCES:
+        return load_tfds(name, data_dir=data_dir)
+    return SOURCES[name](data_dir=data_dir, seed=seed, image_size=image_size, num_clients=num_clients,
+                         min_examples=min_examples)
 
-        if not data_dir:
-            raise DataError(f"data.name={name!r} reads local files: set data.data_dir")
-        return files.load_idx(data_dir) if name == "idx" else files.load_image_folder(data_dir, image_size)
-    return load_tfds(name, data_dir=data_dir)
+
+def _synthetic(*, seed: int, num_clients: int, min_examples: int, **_) -> tuple[Dataset, Dataset]:
+    clients, per_client = max(int(num_clients), 0), max(int(min_examples), 1)
+    return load_synthetic(num_train=max(1024, 2 * per_client * clients), num_test=max(256, 2 * clients), seed=seed)
+
+
+# data.name -> loader (keyword arguments: data_dir, seed, image_size, num_clients, min_examples);
+# any other name is a TFDS dataset.
+SOURCES = {
+    "digits": lambda *, seed, **_: load_digits(seed=seed),
+    "synthetic": _synthetic,
+    "idx": lambda *, data_dir, **_: files.load_idx(data_dir),
+    "folder": lambda *, data_dir, image_size, **_: files.load_image_folder(data_dir, image_size),
+}
+assert set(FILE_SOURCES) <= set(SOURCES)

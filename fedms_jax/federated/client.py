@@ -32,36 +32,18 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedms_jax import rng
 from fedms_jax.rng import Stream
-from fedms_jax.federated.types import ClientOutput, Features, Phase, join_units, split_units
+from fedms_jax.federated.ops import init_opt_states
+from fedms_jax.federated.protocol import Batch
+from fedms_jax.federated.types import ClientOutput, Phase, join_units, split_units
 
 PyTree = Any
 OPT = "opt"  # the client-state entry holding persistent optimizer states
-
-
-@flax.struct.dataclass
-class Batch:
-    """A batch a loss reads: ``features`` (leading axis B), ``labels`` [B] int, ``mask`` [B]
-    float32 (1 for a real example, 0 for padding), and ``held`` the held-out batch when the
-    stage asks for one (``stage.holdout > 0``), else None."""
-
-    features: Features
-    labels: jax.Array
-    mask: jax.Array
-    held: Any = None
-
-
-def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Mean of per-example ``values`` [B] over ``mask`` [B] (all of them when mask is None)."""
-    if mask is None:
-        return values.mean()
-    return jnp.sum(values * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
 def uniform_ints(key: jax.Array, shape: tuple[int, ...], count: jax.Array) -> jax.Array:
@@ -185,16 +167,6 @@ def segment_steps(stage, steps: int) -> list[tuple[tuple[str, ...] | None, int]]
     return [(keys, c) for (keys, _), c in zip(stage.segments, counts)]
 
 
-def init_opt_states(optimizer: optax.GradientTransformation, params: PyTree, carried: PyTree | None = None) -> dict:
-    """{entry: {unit: optimizer state}} for ``params`` ({entry: tree}); units present in
-    ``carried`` (persistent states of the same form) take those."""
-    states = {e: {u: optimizer.init(p) for u, p in split_units(t).items()} for e, t in params.items()}
-    for e, units in (carried or {}).items():
-        if e in states:
-            states[e] = {u: units.get(u, s) for u, s in states[e].items()}
-    return states
-
-
 def local_train(
     stage, phase: Phase, settings, backbone: PyTree, params: PyTree, ctx: PyTree,
     client: dict, carried_opt: PyTree | None = None,
@@ -316,7 +288,3 @@ def client_update(stage, phase: Phase, settings) -> Callable[[PyTree, PyTree], C
     return update
 
 
-def featurize_branch(expert, backbone: PyTree, images: jax.Array, phase: Phase) -> Features:
-    """The default featurizer: the SAL trunk's branch point (blocks below the active ones are
-    frozen and LoRA-free)."""
-    return Features(expert.trunk(backbone, images, phase.num_active))

@@ -4,7 +4,7 @@ split) and global (the global expert on the whole test set).
 Both are one client-shaped function mapped with ``placement.map``: on 8 devices each device
 evaluates an eighth of the clients (or of the test set). Inside a client the examples go in
 batches of ``batch_size`` (``lax.map``), so a client's whole test split never has to fit at once.
-The functions return per-client sums; ``run.personalized_metrics`` turns them into accuracies.
+The functions return per-client sums; ``personalized_metrics`` turns them into accuracies.
 """
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fedms_jax.federated.client import featurize_branch
+from fedms_jax.federated import sharding
+from fedms_jax.federated.ops import featurize_branch
 from fedms_jax.federated.types import EXPERTS, Phase
+from fedms_jax.models.transformer import layer_params_hook
 
 PyTree = Any
 
@@ -95,3 +99,89 @@ def shard_test_set(images: jax.Array, labels: jax.Array, shards: int) -> dict:
         "labels": jnp.pad(labels, (0, pad)).reshape(shards, per),
         "count": jnp.clip(n - per * jnp.arange(shards), 0, per).astype(jnp.int32),
     }
+
+
+# --- the engine's evaluation programs ---------------------------------------------------------
+def _replicate(engine, tree: PyTree) -> PyTree:
+    """Evaluation sums, gathered onto every device (a few scalars per client), so every process
+    of a multi-host job can read them."""
+    if not engine.placement.jitted:
+        return tree
+    rep = NamedSharding(engine.mesh, P())
+    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, rep), tree)
+
+
+def personal_program(engine, phase: Phase) -> Callable:
+    """``(server, clients, backbone, test) -> per-client sums`` of ``personal_eval_fn`` mapped
+    over the clients by the engine's placement (jitted for ``Vmap``), made once per engine."""
+    batch, chunk = engine.eval_batch, engine.eval_clients
+
+    def make_body():
+        fn = personal_eval_fn(engine.algorithm, phase, batch)
+
+        def body(server, clients, backbone, test):
+            down = engine.algorithm.stage(phase).broadcast(server, phase)
+            per_client = {"images": test.images, "labels": test.labels, "count": test.counts, "state": clients.local}
+            if engine.placement.jitted:
+                backbone = sharding.for_compute(backbone, engine.mesh, engine.strategy)
+            with layer_params_hook(sharding.gather_layers(engine.mesh, engine.strategy)):
+                return _replicate(engine, engine.placement.map(fn, (backbone, down), per_client, chunk_size=chunk))
+
+        return body
+
+    return engine.program(("personal", phase, batch, chunk), make_body)
+
+
+def global_program(engine, phase: Phase) -> Callable:
+    """``(server, backbone, images, labels) -> summed nll and correct`` of ``global_eval_fn`` over
+    the test set split into one shard per device (jitted for ``Vmap``), made once per engine."""
+    batch, shards = engine.eval_batch, engine.placement.num_devices
+
+    def make_body():
+        fn = global_eval_fn(engine.algorithm, phase, batch)
+
+        def body(server, backbone, images, labels):
+            down = engine.algorithm.stage(phase).broadcast(server, phase)
+            if engine.placement.jitted:
+                backbone = sharding.for_compute(backbone, engine.mesh, engine.strategy)
+            with layer_params_hook(sharding.gather_layers(engine.mesh, engine.strategy)):
+                out = engine.placement.map(fn, (backbone, down), shard_test_set(images, labels, shards))
+            return _replicate(engine, {name: v.sum() for name, v in out.items()})
+
+        return body
+
+    return engine.program(("global", phase, batch), make_body)
+
+
+def personalized_metrics(per_client: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-client evaluation sums -> the weighted mean accuracy and loss, the minimum and 10th
+    percentile of the clients' accuracies (clients with no test examples left out), the mean
+    of every per-example extra (e.g. ``gate_local`` -> ``gate_local_weight``, with
+    ``gate_local_std`` from ``gate_local_sq``), and for a mixture each expert's accuracy alone
+    (``personalized_accuracy_global``/``_local``) and the per-client margin of the mixture
+    over its best expert."""
+    count = per_client["count"].astype(np.float64)
+    has = count > 0
+    acc = per_client["correct"][has] / count[has]
+    out = {
+        "personalized_accuracy": float(per_client["correct"].sum() / count.sum()),
+        "personalized_min": float(acc.min()),
+        "personalized_p10": float(np.percentile(acc, 10)),
+        "personalized_loss": float(per_client["nll"].sum() / count.sum()),
+    }
+    for name, v in per_client.items():
+        if name in ("count", "correct", "nll") or name.endswith("_sq"):
+            continue
+        if name.startswith("correct_"):  # one expert of a mixture alone
+            out[f"personalized_accuracy_{name[len('correct_'):]}"] = float(v.sum() / count.sum())
+            continue
+        mean = float(v.sum() / count.sum())
+        out[f"{name}_weight"] = mean
+        if f"{name}_sq" in per_client:  # its spread over the test examples
+            out[f"{name}_std"] = float(np.sqrt(max(per_client[f"{name}_sq"].sum() / count.sum() - mean**2, 0.0)))
+    experts = [per_client[n][has] / count[has] for n in per_client if n.startswith("correct_")]
+    if experts:  # per client: the mixture's accuracy minus its best expert's
+        margin = acc - np.max(experts, axis=0)
+        out["mixture_minus_best_expert"] = float(margin.mean())
+        out["clients_mixture_at_least_best"] = float((margin >= 0).mean())
+    return out

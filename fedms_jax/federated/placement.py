@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedms_jax.choices import BACKENDS as BACKEND_CHOICES
 from fedms_jax.federated import sharding
-from fedms_jax.federated.server import weighted_mean, weighted_sum
+from fedms_jax.federated.aggregate import weighted_mean, weighted_sum
 from fedms_jax.federated.types import ClientOutput
 
 PyTree = Any
@@ -197,11 +198,17 @@ class Sequential:
 Placement = Vmap | Sequential
 
 
+# placement.backend -> (mesh, chunk_size, strategy) -> backend
+BACKENDS = {
+    "vmap": lambda mesh, chunk_size, strategy: Vmap(mesh, chunk_size, sharding.client_axes(strategy)),
+    "sequential": lambda mesh, chunk_size, strategy: Sequential(mesh),
+}
+assert tuple(BACKENDS) == BACKEND_CHOICES, "fedms_jax.choices.BACKENDS and the registry disagree"
+
+
 def make_placement(backend: str, mesh: Mesh | None, chunk_size: int | None = None,
                    strategy: str = "replicated") -> Placement:
     """The backend; ``Vmap`` splits the clients over ``sharding.client_axes(strategy)``."""
-    if backend == "vmap":
-        return Vmap(mesh, chunk_size, sharding.client_axes(strategy))
-    if backend == "sequential":
-        return Sequential(mesh)
-    raise ValueError(f"placement.backend must be 'vmap' or 'sequential', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"placement.backend must be one of {list(BACKEND_CHOICES)}, got {backend!r}")
+    return BACKENDS[backend](mesh, chunk_size, strategy)

@@ -26,6 +26,13 @@
   epoch orders are prefixes of the same streams) but can change float sums' order inside XLA's
   kernels, and with ``client.epochs`` and an lr schedule the number of steps.
 
+Both kinds are a **population** with one small interface, so the run loop never asks which it
+has: ``run_round(server, t, phase, ids) -> (server, metrics)``, ``finish_round()`` (after the
+metrics are read), ``read(ids)`` (states; None: all), ``orbax_state()`` (what the server's
+orbax checkpoint holds of them), ``checkpoint(step)`` (what is written beside it, before it),
+``restore(step, restored)``, ``prune(steps)``, ``stop()``, and ``final()`` (what a finished run
+returns: ``ClientStates`` on the devices, the ``Streamed`` population itself).
+
 ``eval_ids``: personalised evaluation over a seeded sample of clients when the population is
 large (``population.eval_sample``), the same sample at every evaluation.
 """
@@ -100,6 +107,46 @@ def template_states(init: Callable[[jax.Array, int], tuple], key: jax.Array) -> 
     server, clients = jax.jit(init, static_argnums=1)(key, 1)
     one = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), clients)
     return server, one
+
+
+class Device:
+    """Every client's data and stacked state on the devices (``population.mode = device``); the
+    engine's data hold every client, and a round gathers its cohort inside the program."""
+
+    def __init__(self, engine, states: ClientStates) -> None:
+        self.engine, self.states = engine, states
+
+    def run_round(self, server, t: int, phase, ids: np.ndarray):
+        server, self.states, metrics = self.engine.run_round(server, self.states, t, phase, ids)
+        return server, metrics
+
+    def finish_round(self) -> None:
+        """Nothing to do: the new states are already where the next round reads them."""
+
+    def read(self, ids: np.ndarray | None) -> ClientStates:
+        if ids is None:
+            return self.states
+        ids = jax.numpy.asarray(ids)
+        return jax.tree_util.tree_map(lambda x: x[ids], self.states)
+
+    def orbax_state(self) -> dict:
+        return {"clients": self.states}
+
+    def checkpoint(self, step: int) -> dict:
+        """Nothing beside the orbax checkpoint (the states are in it)."""
+        return {}
+
+    def restore(self, step: int, restored: dict) -> None:
+        self.states = self.engine.place(restored["clients"])
+
+    def prune(self, steps) -> None:
+        """Nothing beside orbax's own retention."""
+
+    def stop(self) -> None:
+        """Nothing runs in the background."""
+
+    def final(self) -> ClientStates:
+        return self.states
 
 
 class Streamed:
@@ -188,15 +235,30 @@ class Streamed:
         for f in writes:
             f.result()
 
-    def read(self, ids: np.ndarray) -> PyTree:
-        """The current states of ``ids`` (host arrays), after the queued writes."""
+    def read(self, ids: np.ndarray | None) -> PyTree:
+        """The current states of ``ids`` (None: every client; host arrays), after the queued writes."""
         self.flush()
-        return self.store.read(ids)
+        return self.store.read(np.arange(len(self.counts)) if ids is None else ids)
 
     def checkpoint(self, step: int) -> dict[str, int]:
         """Writes the clients changed since the last checkpoint (``ClientCheckpoints.save``)."""
         self.flush()
         return self.checkpoints.save(step, self.store)
+
+    def orbax_state(self) -> dict:
+        """Nothing: the client states are checkpointed beside orbax's (``checkpoint``)."""
+        return {}
+
+    def restore(self, step: int, restored: dict) -> None:
+        """The checkpoint's manifest of step ``step`` and the deltas it names, into the store."""
+        self.checkpoints.restore(step, self.store)
+
+    def prune(self, steps) -> None:
+        """Deletes the client files no checkpoint of ``steps`` needs."""
+        self.checkpoints.prune(list(steps))
+
+    def final(self) -> "Streamed":
+        return self
 
     def stop(self) -> None:
         """Ends the background thread after the queued work (a run's end); reads still work."""

@@ -1,8 +1,8 @@
-"""Server side: per-unit aggregation and server optimizers, one optax state per unit.
+"""Server side: the server optimizers, one optax state per unit.
 
-Uploads and weights come unit by unit (``types.ClientOutput``), so each unit is averaged over
-the clients that trained it. The server optimizer acts on each unit's pseudo-gradient
-``-(weighted mean of client deltas)``: FedAvg = SGD with lr 1 (the new unit is the weighted
+Uploads and weights come unit by unit (``types.ClientOutput``) and are averaged unit by unit
+(``federated.aggregate``), so each unit is averaged over the clients that trained it. The server
+optimizer acts on each unit's pseudo-gradient ``-(weighted mean of client deltas)``: FedAvg = SGD with lr 1 (the new unit is the weighted
 mean of the clients'), FedAdam = Adam (Reddi et al., "Adaptive Federated Optimization"). A unit
 that no client trained (total weight 0: inactive, or every client excluded) keeps its value
 and its optimizer state exactly, so an inactive unit's FedAdam moments and bias-correction count
@@ -16,36 +16,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedms_jax.choices import SERVER_OPTIMIZERS
 from fedms_jax.federated.types import ServerState, join_units, split_units, tree_where
 
 PyTree = Any
 
 
-def weighted_sum(uploads: PyTree, weights: PyTree) -> PyTree:
-    """uploads {unit: leaves [m, ...]}, weights {unit: [m]} -> {unit: sum_c w_c u_c}."""
-    return {
-        name: jax.tree_util.tree_map(
-            lambda u, w=weights[name]: jnp.tensordot(w.astype(jnp.float32), u.astype(jnp.float32), axes=1).astype(u.dtype),
-            sub,
-        )
-        for name, sub in uploads.items()
-    }
-
-
-def weighted_mean(summed: PyTree, totals: PyTree) -> PyTree:
-    """{unit: summed} / {unit: total}; a unit with total 0 gets zeros."""
-    return {
-        name: jax.tree_util.tree_map(lambda s, t=totals[name]: s / jnp.maximum(t, 1e-12).astype(s.dtype), sub)
-        for name, sub in summed.items()
-    }
+# server.optimizer -> (lr, b1, b2, eps) -> optimizer
+OPTIMIZERS = {
+    "fedavg": lambda lr, b1, b2, eps: optax.sgd(lr),
+    "fedadam": lambda lr, b1, b2, eps: optax.adam(lr, b1=b1, b2=b2, eps=eps),
+}
+assert tuple(OPTIMIZERS) == SERVER_OPTIMIZERS, "fedms_jax.choices.SERVER_OPTIMIZERS and the registry disagree"
 
 
 def server_optimizer(name: str, lr: float, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3) -> optax.GradientTransformation:
-    if name == "fedavg":
-        return optax.sgd(lr)
-    if name == "fedadam":
-        return optax.adam(lr, b1=b1, b2=b2, eps=eps)
-    raise ValueError(f"server.optimizer must be 'fedavg' or 'fedadam', got {name!r}")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"server.optimizer must be one of {list(SERVER_OPTIMIZERS)}, got {name!r}")
+    return OPTIMIZERS[name](lr, b1, b2, eps)
 
 
 def init_server(optimizer: optax.GradientTransformation, trainable: PyTree) -> ServerState:

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fedms_jax.data.sources import DataError
+from fedms_jax.data.dataset import DataError
 
 PyTree = Any
 

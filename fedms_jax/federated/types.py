@@ -1,5 +1,5 @@
-"""The federated vocabulary every other module speaks: phases, states, a client's output, the
-features a loss reads, and the trainable tree as *units*.
+"""The federated vocabulary every other module speaks: phases, states, a client's output and the
+trainable tree as *units*.
 
 No module here imports the engine, an algorithm or a placement backend, so every module can
 import this one and nothing imports in a cycle.
@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from fedms_jax import sal
-from fedms_jax.models.vision import Branch
 
 PyTree = Any
 HEAD = "head"
@@ -73,23 +72,6 @@ class ClientOutput(NamedTuple):
     weight: PyTree
     state: PyTree
     metrics: PyTree
-
-
-@flax.struct.dataclass
-class Features:
-    """What a loss (and a prediction) reads for a batch of examples, leading axis = example.
-
-    branch: the SAL branch point (hidden [B, T, D] entering the lowest active block, cls [B, D]).
-    frozen: outputs of frozen parts an algorithm asked for (e.g. FedMS's frozen global expert:
-      ``{'z_global': [B, C]}``); ``{}`` when there are none.
-
-    ``featurize`` makes it from images; whether the client computes it once per round over all
-    its examples and gathers batches from it, or on every step's batch, is the client trainer's
-    decision and invisible to algorithms.
-    """
-
-    branch: Branch
-    frozen: PyTree = flax.struct.field(default_factory=dict)
 
 
 # --- units ----------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from fedms_jax.config import ConfigError
 from fedms_jax.models.clip import CLIP, CLIPSpec
 from fedms_jax.models.lora import LoRASpec
 from fedms_jax.models.vision import VisionSpec, VisionTransformer
@@ -382,7 +381,7 @@ def load_pretrained(
     kind = _kind_of(hf_config)
     native = VisionSpec.from_hf(hf_config)
     if image_size is not None and image_size % native.patch_size:
-        raise ConfigError(f"config.model.image_size = {image_size}: must be divisible by the checkpoint's "
+        raise ValueError(f"image_size {image_size} must be divisible by the checkpoint's "
                           f"patch_size {native.patch_size} ({path})")
     spec: VisionSpec | CLIPSpec
     if kind == "clip":

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedms_jax.config import LORA_TARGETS  # defined with the config, which checks them before jax starts
+from fedms_jax.choices import LORA_TARGETS  # plain names: the config checks them before jax starts
 
 LORA_COLLECTION = "lora"
 

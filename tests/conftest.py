@@ -93,3 +93,18 @@ def no_network():
         mp.setattr(socket, "create_connection", refuse)
         mp.setattr(socket, "getaddrinfo", refuse)
         yield attempts
+
+
+# The slowest modules first (measured with --durations=0): under ``--dist loadfile`` each module
+# runs on one worker (its module fixtures are built once, not once per worker), and a long module
+# started last would leave the other worker idle at the end.
+SLOW_FIRST = ("test_resilience", "test_sharding", "test_population", "test_benchmarks", "test_fedms", "test_cli",
+              "test_engine", "test_compiling", "test_budgets", "test_docs")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = item.path.stem
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=lambda p: (rank(p[1]), p[0]))]

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from fedms_jax.federated.ops import masked_mean
 from fedms_jax.privacy.mechanism import gaussian_noise_like
 
 PyTree = Any
@@ -62,19 +63,14 @@ def aggregate(parts: Sequence[tuple[dict, dict]], noise: tuple[jax.Array, float]
     return weighted_mean(summed, totals), totals
 
 
-def client_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    """The weighted mean of per-client ``values`` [m] (weights [m]; 0 if they sum to 0)."""
-    return jnp.sum(values * weights) / jnp.maximum(weights.sum(), 1.0)
-
-
 def round_metrics(metrics: dict, counts: jax.Array, excluded: jax.Array, tiers=None) -> dict:
     """Per-client metrics {name: [m]} -> the round's: each weighted by the client's example count
     (an excluded client weighs 0), ``excluded_clients`` (how many), and with budget tiers
     (``budgets.Tiers``; the cohort tier-major) ``loss_b<b>`` for each tier of budget b."""
     weights = counts.astype(jnp.float32) * (1.0 - excluded)
-    out = {name: client_mean(v, weights) for name, v in metrics.items()}
+    out = {name: masked_mean(v, weights) for name, v in metrics.items()}
     out["excluded_clients"] = excluded.sum()
     if tiers is not None:
         for b, start, n in zip(tiers.budgets, tiers.starts, tiers.counts):
-            out[f"loss_b{b}"] = client_mean(metrics["loss"][start:start + n], weights[start:start + n])
+            out[f"loss_b{b}"] = masked_mean(metrics["loss"][start:start + n], weights[start:start + n])
     return out

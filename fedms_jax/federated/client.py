@@ -38,7 +38,7 @@ import optax
 
 from fedms_jax import rng
 from fedms_jax.rng import Stream
-from fedms_jax.federated.ops import init_opt_states
+from fedms_jax.federated.ops import init_opt_states, masked_mean
 from fedms_jax.federated.protocol import Batch
 from fedms_jax.federated.types import ClientOutput, Phase, join_units, split_units
 
@@ -249,7 +249,7 @@ def local_train(
         start += count
     # Means over the steps that read a real example (epochs: trailing all-padding steps don't count).
     real = jnp.concatenate(reals)
-    mean = lambda xs: jnp.sum(jnp.concatenate(xs) * real) / jnp.maximum(real.sum(), 1.0)
+    mean = lambda xs: masked_mean(jnp.concatenate(xs), real)
     aux = jax.tree_util.tree_map(lambda *xs: mean(xs), *auxes)
     return params, opt_states, mean(losses), aux
 

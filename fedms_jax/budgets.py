@@ -141,6 +141,9 @@ class ResourceModel:
     budgets: tuple[int, ...]
     shares: tuple[float, ...] = ()
     mode: str = "static"
+    # the seed of the rounds' cohort draws (None: ``seed``); under DP a secret drawn from the OS,
+    # so the sampling that the privacy amplification relies on cannot be replayed
+    cohort_seed: int | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -180,12 +183,13 @@ class ResourceModel:
         """Round ``round_index``'s cohort ids [cohort_size] int32, tier-major (``Tiers.counts``
         clients of each tier in turn; sorted within a tier)."""
         counts = self.tiers.counts
-        rng = rngs.numpy(self.seed, Stream.BUDGET, 1, round_index)
+        seed = self.seed if self.cohort_seed is None else self.cohort_seed
+        rng = rngs.numpy(seed, Stream.BUDGET, 1, round_index)
         if self.mode == "static":
             tiers = self.client_tiers()
             parts = [rng.choice(np.flatnonzero(tiers == g), n, replace=False) for g, n in enumerate(counts)]
         else:
-            ids = uniform_cohort(self.seed, round_index, self.num_clients, self.cohort_size)
+            ids = uniform_cohort(seed, round_index, self.num_clients, self.cohort_size)
             perm = rng.permutation(self.cohort_size)
             bounds = np.cumsum((0,) + counts)
             parts = [ids[perm[bounds[g]:bounds[g + 1]]] for g in range(len(counts))]

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 import jax
 from tqdm import tqdm
 
-from fedms_jax import compiling, distributed
+from fedms_jax import compiling, distributed, storage
 from fedms_jax.checkpoint import Checkpointer
+from fedms_jax.data.dataset import DataError
+from fedms_jax.signals import SignalGuard
 from fedms_jax.federated.types import ClientStates, Phase, ServerState
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class RoundEnd:
     record: dict
     server: ServerState
     clients: ClientStates
+    raw: dict = dataclasses.field(default_factory=dict)  # DP: metrics from raw client data (not in record)
 
     @property
     def done(self) -> int:
@@ -50,13 +52,22 @@ class Callback:
 
     def on_end(self) -> None: ...
 
+    def stopping(self, round: int) -> bool:
+        """Asked after round ``round`` trained, before its evaluation: True skips the evaluation
+        (the run is about to stop). Called every round, on every process."""
+        return False
+
 
 class MetricsWriter(Callback):
     """Appends one JSON line per round to ``path`` (process 0 only); on a resume, first drops the
-    lines of rounds at or after the resumed round (written after that checkpoint)."""
+    lines of rounds at or after the resumed round (written after that checkpoint) and a torn
+    last line. ``sync()`` (called before each checkpoint) fsyncs the file, so the lines of every
+    round a checkpoint holds survive a power loss. ``field``: which of the round's records
+    (``RoundEnd.record``, or ``raw``: DP's metrics from raw client data); a record that is
+    empty writes no line."""
 
-    def __init__(self, path: Path, primary: bool = True) -> None:
-        self.path, self.primary, self.file = path, primary, None
+    def __init__(self, path: Path, primary: bool = True, field: str = "record") -> None:
+        self.path, self.primary, self.field, self.file = path, primary, field, None
 
     def on_start(self, exp, start):
         if self.primary:
@@ -64,13 +75,34 @@ class MetricsWriter(Callback):
             self.file = self.path.open("a")
 
     def on_round(self, end):
+        record = getattr(end, self.field)
+        if self.file is not None and record:
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:
+                self._failed(e)
+
+    def sync(self) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(end.record) + "\n")
-            self.file.flush()
+            try:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            except OSError as e:
+                self._failed(e)
+
+    def _failed(self, e: OSError):
+        if storage.disk_problem(e):
+            raise storage.storage_error(e, self.path, "a metrics line") from None
+        raise e
 
     def on_end(self):
         if self.file is not None:
-            self.file.close()
+            file, self.file = self.file, None
+            try:
+                file.close()
+            except OSError:  # (a line that could not be flushed was reported when written)
+                pass
 
 
 class ProgressBar(Callback):
@@ -89,7 +121,7 @@ class ProgressBar(Callback):
             r = end.record
             self.bar.update(1)
             self.bar.set_postfix(
-                stage=end.phase.stage, k=end.phase.num_active, loss=f"{r['loss']:.3f}",
+                stage=end.phase.stage, k=end.phase.num_active, loss=f"{r.get('loss', float('nan')):.3f}",
                 pacc=f"{r.get('personalized_accuracy', float('nan')):.3f}",
                 acc=f"{r.get('accuracy', float('nan')):.3f}", s=f"{r['seconds']:.2f}",
             )
@@ -103,10 +135,16 @@ class Checkpointing(Callback):
     """Saves the states every ``checkpoint.every`` rounds and after the last one. The clients
     are a population (``federated.population``): what it writes beside the orbax checkpoint
     (a streamed population's changed clients) is written first, then the server state and the
-    population's ``orbax_state()`` with orbax, so a checkpoint orbax lists is complete."""
+    population's ``orbax_state()`` with orbax, so a checkpoint orbax lists is complete.
+    ``before_save``: called first (the metrics writers' ``sync``).
 
-    def __init__(self, checkpointer: Checkpointer, meta) -> None:
+    Retention of the files beside orbax's goes by the steps finalized *on disk*, listed afresh
+    (and those orbax still lists), never by orbax's in-memory list alone: after a failed
+    asynchronous save that list drops the step before, which is still on disk and restorable."""
+
+    def __init__(self, checkpointer: Checkpointer, meta, before_save=()) -> None:
         self.checkpointer, self.meta, self.rounds, self.saved = checkpointer, meta, 0, -1
+        self.before_save = list(before_save)
         # per save: the round, the seconds the loop waited (orbax writes in the background when
         # asynchronous), and streamed, the client states written and their bytes
         self.saves: list[dict] = []
@@ -119,29 +157,44 @@ class Checkpointing(Callback):
         """Saves after ``end`` (once: a second call for the same round only waits, if asked)."""
         if end.done != self.saved:
             began = time.perf_counter()
-            # (Asynchronous orbax lists a new step, and stops listing the ones it will delete,
-            # before the new one is on disk: the steps that may still be restored are these.)
-            kept = self.checkpointer.steps()
+            for sync in self.before_save:
+                sync()
             written = end.clients.checkpoint(end.done)
+            self._population = end.clients
             record = {"round": end.done, **({"client_states": written["clients"], "client_bytes": written["bytes"]}
                                             if written else {})}
             self.checkpointer.save(end.done, {"server": end.server, **end.clients.orbax_state()}, self.meta(end))
-            end.clients.prune([*kept, end.done])  # files beside orbax's no step it may still restore needs
-            self._population = end.clients
+            # (orbax's save returns once the save before it is finalized: the disk lists it)
+            end.clients.prune(self.kept(end.done))
             self.saves.append({**record, "seconds": time.perf_counter() - began})
             self.saved = end.done
         if wait:
             self.checkpointer.wait()
+
+    def kept(self, *extra: int) -> list[int]:
+        """Every step a restart may restore: finalized on disk, listed by orbax, or ``extra``
+        (being written)."""
+        return sorted({*self.checkpointer.restorable_steps(), *self.checkpointer.steps(), *extra})
 
     def on_round(self, end):
         if self.checkpointer.due(end.done) or end.done == self.rounds:
             self.save(end)
 
     def on_end(self):
-        self.checkpointer.wait()
-        if self._population is not None:  # every save is on disk: the older steps orbax dropped are gone
-            self._population.prune(self.checkpointer.steps())
-        self.checkpointer.close()
+        error = None
+        try:
+            self.checkpointer.wait()
+        except BaseException as e:  # noqa: BLE001 - raised below, after the clean-up
+            error = e
+        if self._population is not None:  # every save is done or failed: the disk says what is restorable
+            self._population.prune(self.checkpointer.restorable_steps())
+        try:
+            self.checkpointer.close()
+        except BaseException:  # the same failure, again
+            if error is None:
+                raise
+        if error is not None:
+            raise error
 
 
 class Preempted(Exception):
@@ -158,8 +211,9 @@ class Preempted(Exception):
 
 
 class Preemption(Callback):
-    """Records SIGTERM/SIGINT instead of dying; after the round in flight, saves a checkpoint
-    (waiting for it) and raises ``Preempted``.
+    """Acts on a SIGTERM/SIGINT recorded by the run's ``signals.SignalGuard``: the round in
+    flight is finished, saved (waiting for the save; its evaluation is skipped, ``stopping``)
+    and ``Preempted`` is raised.
 
     In a job of several processes the decision is agreed after every round
     (``distributed.all_gather_ints``: one key-value exchange through the coordination service),
@@ -167,27 +221,27 @@ class Preemption(Callback):
     same round, together (orbax's save is collective), and stops with the same signal number.
     """
 
-    def __init__(self, checkpointing: Checkpointing, signums=(signal.SIGTERM, signal.SIGINT)) -> None:
-        self.checkpointing, self.signums = checkpointing, signums
-        self.caught: list[int] = []
-        self._previous: dict = {}
+    def __init__(self, checkpointing: Checkpointing, guard: SignalGuard) -> None:
+        self.checkpointing, self.guard = checkpointing, guard
+        self._agreed: dict[int, list[int]] = {}
 
-    def on_start(self, exp, start):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, lambda signum, frame: self.caught.append(signum)) for s in self.signums}
+    def _agree(self, t: int, when: str) -> list[int]:
+        caught = self.guard.caught
+        return distributed.all_gather_ints(f"preempt/{t}/{when}", caught[0] if caught else 0)
+
+    def stopping(self, t: int) -> bool:
+        self._agreed = {t: self._agree(t, "trained")}
+        return any(self._agreed[t])
 
     def on_round(self, end):
-        signums = distributed.all_gather_ints(f"preempt/{end.round}", self.caught[0] if self.caught else 0)
+        signums = self._agreed.get(end.round)
+        if not signums or not any(signums):  # (a signal during the evaluation)
+            signums = self._agree(end.round, "evaluated")
         signum = next((s for s in signums if s), 0)
         if signum:
             self.checkpointing.save(end, wait=True)
             caught = tuple(p for p, s in enumerate(signums) if s) if len(signums) > 1 else ()
             raise Preempted(signum, end.done, self.checkpointing.checkpointer.directory, caught)
-
-    def on_end(self):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
 
 
 class StartupTiming(Callback):
@@ -233,16 +287,31 @@ class StartupTiming(Callback):
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(out, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as e:  # a full disk: timing is not worth failing a run for, nor a second message
+            tmp.unlink(missing_ok=True)
+            if not storage.disk_problem(e):
+                raise
 
 
 def _keep_metrics_before(path: Path, start: int) -> None:
-    """Drops the metric lines of rounds >= start (written after the checkpoint we resume from),
-    by writing a new file and renaming it over the old one."""
+    """Drops the metric lines of rounds >= start (written after the checkpoint we resume from)
+    and a torn last line, by writing a new file and renaming it over the old one."""
     if not path.exists():
         return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["round"] < start]
+    try:
+        records = storage.read_jsonl(path)
+    except ValueError as e:
+        raise DataError(f"{e}: cannot resume its metrics; repair or remove the line") from None
+    lines = [json.dumps(r) for r in records if r.get("round", -1) < start]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in lines))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(l + "\n" for l in lines))
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and storage.disk_problem(e):
+            raise storage.storage_error(e, path, "the metrics") from None
+        raise

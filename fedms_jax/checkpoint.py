@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fedms_jax import distributed
+from fedms_jax import distributed, storage
 from fedms_jax.config import Config, ConfigError, validate
 
 PyTree = Any
@@ -40,7 +40,7 @@ FORMAT = 2  # 2: named random streams (fedms_jax.rng); format-1 runs drew other 
 # Keys that may change between a run and its resume without changing its results.
 RESUMABLE_CHANGES = ("rounds", "eval_every", "eval_clients", "eval_batch", "placement.", "checkpoint.", "data.data_dir",
                      "data.feature_cache", "compile.", "multihost.", "population.mode", "population.eval_sample",
-                     "population.prefetch")  # population.mode: the resolved mode is checked (meta "population")
+                     "population.prefetch", "guard.", "data.max_bytes", "dp.raw_metrics")  # population.mode: the resolved mode is checked (meta "population")
 
 
 def _version() -> str:
@@ -109,30 +109,79 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, every: int, keep: int, asynchronous: bool = True) -> None:
         self.directory = Path(directory).absolute()
         self.every = every
+        # cleanup_tmp_directories: the half-written steps of a run killed mid-save go at start.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
+            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True, cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        for logger in ("absl", "asyncio", "concurrent.futures"):  # orbax's background threads log them: we raise them, in one line
+            storage.quiet_disk_errors(logger)
 
     def steps(self) -> list[int]:
+        """The steps orbax's manager lists (in memory: after a failed save it may omit steps that
+        are still on disk; ``restorable_steps`` lists the disk)."""
         return sorted(self.manager.all_steps())
+
+    def restorable_steps(self) -> list[int]:
+        """The finalized steps on disk now, listed afresh (what a restart could restore)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(ocp.utils.checkpoint_steps(self.directory))
 
     def due(self, rounds_done: int) -> bool:
         return self.every > 0 and rounds_done % self.every == 0
 
     def save(self, rounds_done: int, state: PyTree, meta: dict, *, wait: bool = False) -> None:
         meta = {**meta, "rounds_done": rounds_done, "format": FORMAT, "fedms_jax": _version()}
-        self.manager.save(
-            rounds_done,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        self._check_space(rounds_done, state)
+        try:
+            self.manager.save(
+                rounds_done,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - a full disk is named; anything else re-raised
+            self._raise_storage(e, f"the checkpoint of round {rounds_done}")
+            raise
         if wait:
             self.wait()
 
     def wait(self) -> None:
-        """Blocks until every save in flight is on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until every save in flight is on disk; a save that failed for lack of space
+        raises ``StorageError`` (naming the directory and the steps still restorable)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._raise_storage(e, "a checkpoint")
+            raise
+
+    def _step_bytes(self, step: int) -> int:
+        return sum(f.stat().st_size for f in (self.directory / str(step)).rglob("*") if f.is_file())
+
+    def _check_space(self, rounds_done: int, state: PyTree) -> None:
+        """Refuses a save the disk has no room for, before orbax starts writing (a save that
+        fails half-way leaves its background writes to fail one by one): it needs about what
+        the newest step on disk took (+20%), or, for the first, the state's bytes."""
+        kept = self.restorable_steps()
+        if kept:
+            needed = int(1.2 * self._step_bytes(kept[-1]))
+        else:
+            needed = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(state)) + (16 << 10)
+        free = storage.free_bytes(self.directory)
+        if free < needed:
+            raise storage.StorageError(
+                f"cannot write the checkpoint of round {rounds_done} to {self.directory}: the disk is full "
+                f"({storage.human(free)} free; it needs about {storage.human(needed)}); restorable: "
+                f"{'rounds ' + ', '.join(map(str, kept)) if kept else 'none'}")
+
+    def _raise_storage(self, e: Exception, what: str) -> None:
+        if storage.disk_problem(e):
+            kept = self.restorable_steps()
+            # what a checkpoint needs: about as much as the newest one on disk
+            size = self._step_bytes(kept[-1]) if kept else None
+            error = storage.storage_error(e, self.directory, what, size)
+            raise storage.StorageError(f"{error}; restorable: {'rounds ' + ', '.join(map(str, kept)) if kept else 'none'}"
+                                       ) from None
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -228,5 +277,7 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

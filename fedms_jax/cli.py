@@ -5,10 +5,10 @@
     fedms-jax plan [--config FILE_OR_NAME] [--layouts 8x1:replicated,2x4:fsdp,...] [--config.KEY=VALUE ...]
 
 Exit status: 0 done; 2 bad config or a work dir that cannot be resumed with it; 1 bad input
-(missing dataset, checkpoint or hub access, malformed data, a work dir that cannot be written,
-another process of a multi-process job lost);
-128 + signal number when stopped by SIGTERM/SIGINT after saving a checkpoint (rerun the same
-command to resume). Every error is one line, ``fedms-jax: error: ...``, and a run that fails
+(missing dataset, checkpoint or hub access, malformed or oversized data, a work dir that cannot
+be written, a full disk, not enough memory, a diverged run, another process of a multi-process
+job lost); 128 + signal number when stopped by SIGTERM/SIGINT (after saving the round in flight,
+or during start-up with nothing new saved; rerun the same command to resume). Every error is one line, ``fedms-jax: error: ...``, and a run that fails
 to start leaves no work dir behind.
 """
 from __future__ import annotations
@@ -124,9 +124,20 @@ def _path_problem(path: str, what: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedms_jax.signals import Interrupted, SignalGuard
+
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:  # before the run's own SIGINT handler (it saves a checkpoint) is installed
+        # From the first line: a SIGTERM/SIGINT while jax is imported or the job starts up ends it
+        # with 128 + signum and nothing written (``run`` installs its own, saving, handler).
+        argv = list(sys.argv[1:] if argv is None else argv)
+        with SignalGuard() as guard:
+            if os.environ.get("JAX_COORDINATOR_ADDRESS") or "--multihost" in argv:
+                guard.hold()  # until the processes are connected (``_main`` releases it)
+            return _main(argv)
+    except Interrupted as e:
+        print(f"fedms-jax: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # (a SIGINT outside the main thread's handler)
         print("fedms-jax: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
 
@@ -165,11 +176,16 @@ def _main(argv: list[str]) -> int:
         distributed.maybe_initialize(force=args.multihost, timeout_s=config.multihost.timeout_s)
     except ValueError as e:  # incomplete JAX_* environment
         return _error(str(e), 2)
-    from fedms_jax.run import Preempted, run  # imports jax; only after the config is known to be valid
+    from fedms_jax.run import Interrupted, Preempted, run  # imports jax; only after the config is valid
+
+    from fedms_jax import signals
 
     try:
-        final = run(config, args.workdir, progress=not args.no_progress).metrics
-    except Preempted as e:
+        with distributed.forward_startup_signals():
+            if signals.active() is not None and signals.active().deferring:
+                signals.active().release()  # a signal held while connecting: told to all, raised
+            final = run(config, args.workdir, progress=not args.no_progress).metrics
+    except (Preempted, Interrupted) as e:
         print(f"fedms-jax: {e}", file=sys.stderr)
         return 128 + e.signum
     except distributed.PeerLost as e:
@@ -194,10 +210,12 @@ def _user_error(e: Exception) -> int:
     config 2; bad input, checkpoint, hub access or file system 1); otherwise re-raises ``e``
     (a bug keeps its traceback)."""
     from fedms_jax.models.hf import CheckpointError, HubUnavailableError
+    from fedms_jax.run import Diverged
+    from fedms_jax.storage import MemoryLimitError, StorageError
 
     if isinstance(e, ConfigError):
         return _error(str(e), 2)
-    if isinstance(e, (HubUnavailableError, CheckpointError, DataError)):
+    if isinstance(e, (HubUnavailableError, CheckpointError, DataError, StorageError, MemoryLimitError, Diverged)):
         return _error(str(e), 1)
     if isinstance(e, OSError) and _user_os_error(e):
         return _error(_os_message(e), 1)

@@ -16,10 +16,20 @@ and reads everyone's, waiting at most ``timeout_s``. A process that died without
 therefore noticed within a bounded time: by the agreement's deadline, by a collective whose
 peer connection broke, or by the coordination service's heartbeat timeout (``timeout_s`` as
 well); each ends as ``PeerLost`` with a message, never a hang.
+
+A signal during start-up (before the rounds, where there is no agreement point to stop at) is
+told to every process (``forward_startup_signals``): the signalled process posts it to the
+key-value store as it stops, and a watcher thread in each of the others, polling that key,
+sends its own process the same signal. So all of them stop together and meet in
+``jax.distributed``'s shutdown barrier; otherwise the barrier times out on the processes still
+starting up and XLA's coordination service aborts every process (SIGABRT, a C++ stack trace).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -27,6 +37,8 @@ DEFAULT_TIMEOUT_S = 300
 _timeout_s = DEFAULT_TIMEOUT_S  # set by maybe_initialize
 _calls = 0  # all_gather_ints calls so far (the same sequence on every process)
 _previous: str | None = None  # this process's key of the previous call (deleted once all have read it)
+_runs = 0  # forward_startup_signals calls so far (the same sequence on every process)
+_POLL_S = 0.25
 _TRANSPORT_WORDS = ("Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "UNAVAILABLE",
                     "DEADLINE_EXCEEDED", "heartbeat")
 
@@ -60,8 +72,12 @@ def maybe_initialize(force: bool = False, timeout_s: int = DEFAULT_TIMEOUT_S) ->
         )
     # Only the CPU client reads this; asking for the backend here would start it too early.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=_timeout_s,
-                               shutdown_timeout_seconds=_timeout_s)
+    # initialization_timeout too: a process stopped before it connected must not keep the others
+    # waiting for jax's default five minutes.
+    # The shutdown barrier waits twice as long as any wait of a live process (an agreement or a
+    # collective gives up after ``timeout_s``), so processes that stop together meet there.
+    jax.distributed.initialize(**kwargs, initialization_timeout=_timeout_s,
+                               heartbeat_timeout_seconds=_timeout_s, shutdown_timeout_seconds=2 * _timeout_s)
     return True
 
 
@@ -112,6 +128,57 @@ def all_gather_ints(name: str, value: int) -> list[int]:
 def agree_all(name: str, flag: bool) -> bool:
     """Whether ``flag`` holds on every process (all processes get the same answer)."""
     return all(all_gather_ints(name, int(bool(flag))))
+
+
+@contextlib.contextmanager
+def forward_startup_signals():
+    """While active, a SIGTERM/SIGINT that stops this process during start-up (``signals``'
+    ``Interrupted``) stops the job's other processes too, and theirs stops this one (see the
+    module docstring). A no-op in a single-process run. The watcher polls every 0.25 s, only
+    while this process is itself in start-up, and is joined on exit (before the client shuts
+    down at interpreter exit)."""
+    import jax
+
+    from fedms_jax import signals
+
+    if jax.process_count() == 1:
+        yield
+        return
+    global _runs
+    _runs += 1
+    key, me, client = f"fedms_jax/stop/{_runs}", jax.process_index(), _client()
+    forwarded = threading.Event()  # a signal this process got from the store, not to repost
+    done = threading.Event()
+
+    def announce(signum: int) -> None:
+        if forwarded.is_set():
+            return
+        with contextlib.suppress(Exception):  # another process posted first: nothing to add
+            client.key_value_set(key, f"{me}:{int(signum)}")
+
+    def watch() -> None:
+        while not done.wait(_POLL_S):
+            if not signals.in_startup():
+                continue
+            try:
+                value = client.key_value_try_get(key)
+            except Exception:  # noqa: BLE001 - not posted (NOT_FOUND), or the service is gone
+                continue
+            sender, signum = (int(v) for v in value.split(":"))
+            if sender != me:
+                forwarded.set()
+                os.kill(os.getpid(), signum)  # handled in the main thread like the original
+            return
+
+    signals.ON_STARTUP_SIGNAL.append(announce)
+    thread = threading.Thread(target=watch, name="fedms_jax-stop-watcher", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signals.ON_STARTUP_SIGNAL.remove(announce)
+        thread.join()
 
 
 def _first_line(e: BaseException) -> str:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedms_jax import compiling, perf, privacy, rng, sal
+from fedms_jax import compiling, perf, privacy, rng, sal, storage
 from fedms_jax.algorithms import make_algorithm
 from fedms_jax.budgets import ResourceModel
 from fedms_jax.builders import build_expert, client_optimizer, lr_scale, split_frozen
@@ -42,6 +42,11 @@ PyTree = Any
 def partition_clients(config: Config, train: Dataset, test: Dataset) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Train parts by the configured partitioner; test parts following each client's labels."""
     d, seed = config.data, config.seed
+    try:  # two index arrays per client (about 200 bytes each with numpy's overhead), before any is made
+        storage.check_fits(400 * d.num_clients, f"config.data.num_clients = {d.num_clients} (the clients' index arrays)",
+                           "use fewer clients")
+    except storage.MemoryLimitError as e:
+        raise ConfigError(str(e)) from None
     if d.partition == "dirichlet":
         parts = partition.dirichlet(train.labels, d.num_clients, d.alpha, rng.numpy_seed(seed, Stream.PARTITION), d.min_examples)
     elif d.partition == "shards":
@@ -118,6 +123,14 @@ class Experiment:
     eval_ids: np.ndarray | None = None
     train_clients: FlatClients | None = None
     sizes: tuple[int, ...] = ()
+    # DP without dp.reproducible_noise: the cohorts' seed, a secret drawn from the OS (the noise's
+    # key is the engine's ``noise_key``); in memory only, never printed. None: config.seed.
+    cohort_seed: int | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def secret_noise(self) -> bool:
+        """Whether the DP noise and cohorts come from a secret (not from ``config.seed``)."""
+        return self.engine.noise_key is not None
 
     @property
     def streamed(self) -> bool:
@@ -132,7 +145,8 @@ class Experiment:
         tier-major from the resource model (``budgets.ResourceModel.cohort``)."""
         c = self.config
         if self.resources is None:
-            return sample_cohort(c.seed, round_index, c.data.num_clients, c.cohort_size)
+            seed = c.seed if self.cohort_seed is None else self.cohort_seed
+            return sample_cohort(seed, round_index, c.data.num_clients, c.cohort_size)
         return self.resources.cohort(round_index)
 
     def init_states(self, workdir: str | Path | None = None) -> tuple[ServerState, ClientStates | population.Streamed]:
@@ -258,7 +272,7 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
     if datasets is None:
         datasets = load_dataset(config.data.name, config.data.data_dir or None, seed=rng.numpy_seed(config.seed, Stream.DATA),
                                 image_size=config.data.image_size, num_clients=config.data.num_clients,
-                                min_examples=config.data.min_examples)
+                                min_examples=config.data.min_examples, max_bytes=config.data.max_bytes)
     train, test = datasets
     train = subsample(train, config.data.train_examples, seed=rng.numpy_seed(config.seed, Stream.SUBSAMPLE, 0))
     test = subsample(test, config.data.test_examples, seed=rng.numpy_seed(config.seed, Stream.SUBSAMPLE, 1))
@@ -314,6 +328,11 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
     )
     algorithm = make_algorithm(config, settings)
     accountant = make_accountant(config, resources, log)
+    secret = None  # DP: the noise and the cohorts from a secret nobody holding the config can replay
+    if accountant is not None and not config.dp.reproducible_noise:
+        secret = shared_secret()
+        if resources is not None:
+            resources = dataclasses.replace(resources, cohort_seed=secret)
     if mesh is None:
         mesh = make_run_mesh(config)
     spec = expert.spec
@@ -345,6 +364,7 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         tiers=resources.tiers if resources is not None else None,
         compile_threads=(config.compile.threads or compiling.default_threads()) if config.compile.ahead else 0,
         dp=(config.dp.clip, accountant.noise_multiplier) if accountant is not None else None,
+        noise_key=None if secret is None else rng.secret_key_data(secret),
     )
     evaluated = population.eval_ids(config.seed, config.data.num_clients, config.population.eval_sample)
     tested = test_parts if evaluated is None else [test_parts[i] for i in evaluated]
@@ -366,8 +386,19 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         config=config, train=train, test=test, parts=parts, test_parts=test_parts, algorithm=algorithm,
         engine=engine, client_test=client_test, test_images=test_images, test_labels=test_labels,
         backbone_params=backbone_params, stem=stem, resources=resources, accountant=accountant,
-        mode=mode, eval_ids=evaluated, train_clients=train_clients, sizes=sizes,
+        mode=mode, eval_ids=evaluated, train_clients=train_clients, sizes=sizes, cohort_seed=secret,
     )
+
+
+def shared_secret() -> int:
+    """A 63-bit secret from the OS (``secrets``), the same on every process of the job: process
+    0's, passed through the coordination service's key-value store (memory, never a file)."""
+    import secrets
+
+    from fedms_jax import distributed
+
+    mine = secrets.randbits(63) if jax.process_index() == 0 else 0
+    return distributed.all_gather_ints("dp/secret", mine)[0]
 
 
 def population_mode(config: Config, algorithm: Algorithm, parts: list[np.ndarray], test_parts: list[np.ndarray],
@@ -380,8 +411,13 @@ def population_mode(config: Config, algorithm: Algorithm, parts: list[np.ndarray
     data = n * (max(map(len, parts)) + max(map(len, test_parts), default=0)) * row
     _, one = jax.eval_shape(lambda k: algorithm.init(k, 1), rng.key(config.seed, Stream.INIT))
     state = n * sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(one))
-    return population.choose_mode(config.population.mode, n, data + state,
-                                  population.device_memory_bytes(mesh.devices.flat[0]))
+    memory = population.device_memory_bytes(mesh.devices.flat[0])
+    mode = population.choose_mode(config.population.mode, n, data + state, memory)
+    if mode == "device" and data + state > memory:
+        raise ConfigError(f"config.population.mode = {config.population.mode!r}: {n} clients' padded data and states "
+                          f"need {storage.human(data + state)} on each device, which has {storage.human(memory)}: "
+                          "use population.mode=streamed (or auto)")
+    return mode
 
 
 def make_accountant(config: Config, resources: ResourceModel | None, log: Callable[[str], None] | None = None):

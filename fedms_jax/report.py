@@ -8,11 +8,12 @@ event files (``tensorboardX``, no TensorFlow needed) with every numeric metric p
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedms_jax.storage import read_jsonl
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
@@ -21,13 +22,7 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"work dir {str(workdir)!r} does not exist")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {str(workdir)!r} a fedms-jax run's work dir?")
-    lines = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i + 1} is not JSON ({e})") from e
+    lines = read_jsonl(path)  # a torn last line (kill -9, power loss) is dropped with a warning
     if not lines:
         raise ValueError(f"{path} is empty: the run has not finished a round yet")
     return lines
@@ -54,7 +49,8 @@ def summary(lines: list[dict]) -> str:
             add(f"final {name}", float(values[-1]))
             if key.endswith("accuracy"):
                 add(f"best {name} (round)", f"{values.max():.4f} ({int(rounds[values.argmax()])})")
-    add("final training loss", float(last["loss"]))
+    if "loss" in last:  # (under DP it is computed from raw client data: not in metrics.jsonl)
+        add("final training loss", float(last["loss"]))
     up = sum(l["bytes_up"] for l in lines) / 1e6
     down = sum(l["bytes_down"] for l in lines) / 1e6
     add("MB uploaded / downloaded (all clients)", f"{up:.2f} / {down:.2f}")

@@ -84,6 +84,26 @@ def key(seed: int, stream: Stream, *path) -> jax.Array:
     return k
 
 
+def secret_key_data(bits: int | None = None) -> np.ndarray:
+    """Key data (uint32 [2]) of a secret drawn from the OS (``secrets``), for the DP noise: kept
+    in memory only, passed to programs as an argument. ``bits``: a given 64-bit secret (tests)."""
+    import secrets
+
+    bits = secrets.randbits(64) if bits is None else int(bits)
+    return np.array([(bits >> 32) & 0xFFFFFFFF, bits & 0xFFFFFFFF], np.uint32)
+
+
+def secret_key(data: jax.Array, stream: Stream, *path) -> jax.Array:
+    """The JAX key of ``(secret, stream, *path)`` from secret key data (``secret_key_data``;
+    may be traced)."""
+    import jax
+
+    k = jax.random.fold_in(jax.random.wrap_key_data(data, impl="threefry2x32"), int(stream))
+    for p in path:
+        k = jax.random.fold_in(k, p)
+    return k
+
+
 def sub(parent: jax.Array, stream: Stream, *path) -> jax.Array:
     """A sub-stream of ``parent`` (a client's round key): ``fold_in(parent, stream, *path)``."""
     import jax

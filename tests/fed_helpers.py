@@ -15,7 +15,9 @@ TINY = [
 ]
 
 
-DP = ("dp.clip=0.05", "dp.noise_multiplier=1.0")  # DP-FedAvg that clips every update and adds noise
+# DP-FedAvg that clips every update and adds noise; reproducible (from the seed), so that runs
+# can be compared (the default draws the noise from a secret: tests/test_reliability.py)
+DP = ("dp.clip=0.05", "dp.noise_multiplier=1.0", "dp.reproducible_noise=true")
 
 
 def tiny_config(*extra: str):

@@ -87,7 +87,7 @@ def test_dp_noise_key_is_its_own_stream():
 
 
 DP_BUDGETS = ("model.layers=3", "sal.budgets=1,2,3", "sal.budget_shares=0.25,0.25,0.5", "sal.k0=3",
-              "dp.clip=0.05", "dp.noise_multiplier=1.0")
+              "dp.clip=0.05", "dp.noise_multiplier=1.0", "dp.reproducible_noise=true")
 
 
 def test_dp_with_budget_tiers_and_chunks():

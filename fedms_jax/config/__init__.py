@@ -19,6 +19,6 @@ from fedms_jax.config.files import CONFIG_DIR, apply_overrides, load_config, res
 from fedms_jax.config.schema import Config, validate
 from fedms_jax.config.sections import (
     CheckpointConfig, ClientConfig, CompileConfig, DataConfig, DittoConfig, DPConfig, FedMSConfig, FedProxConfig,
-    FedRepConfig, LoRAConfig, MeshConfig, ModelConfig, MultihostConfig, PlacementConfig, PopulationConfig,
-    SALConfig, ServerConfig,
+    FedRepConfig, GuardConfig, LoRAConfig, MeshConfig, ModelConfig, MultihostConfig, PlacementConfig,
+    PopulationConfig, SALConfig, ServerConfig,
 )

@@ -11,7 +11,7 @@ from fedms_jax.choices import ALGORITHMS, TWO_STAGE, USES_SAL
 from fedms_jax.config.base import ConfigError, _check, _hints, _int, _section, _Section
 from fedms_jax.config.sections import (
     CheckpointConfig, ClientConfig, CompileConfig, DataConfig, DittoConfig, DPConfig, FedMSConfig, FedProxConfig,
-    FedRepConfig, LoRAConfig, MeshConfig, ModelConfig, MultihostConfig, PlacementConfig, PopulationConfig,
+    FedRepConfig, GuardConfig, LoRAConfig, MeshConfig, ModelConfig, MultihostConfig, PlacementConfig, PopulationConfig,
     SALConfig, ServerConfig,
 )
 
@@ -45,6 +45,7 @@ class Config(_Section):
     placement: PlacementConfig = _section(PlacementConfig)
     compile: CompileConfig = _section(CompileConfig)
     dp: DPConfig = _section(DPConfig)
+    guard: GuardConfig = _section(GuardConfig)
     multihost: MultihostConfig = _section(MultihostConfig)
     population: PopulationConfig = _section(PopulationConfig)
 

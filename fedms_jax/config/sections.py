@@ -128,6 +128,10 @@ class DataConfig(_Section):
     # validation split; personalised evaluation runs on those and global evaluation on their
     # union, and the test split is never used (hyper-parameters are chosen on these numbers)
     validation: float = 0.0
+    # data.name=idx|folder: the most bytes the decoded data may take (checked from the IDX
+    # headers and the image headers before anything is decompressed or decoded); 0: half the
+    # memory available when the run starts
+    max_bytes: int = _int(0, lo=0)
 
     def _validate(self) -> None:
         self._choice("partition", PARTITIONS)
@@ -278,6 +282,14 @@ class DPConfig(_Section):
     target_epsilon: float = 0.0
     delta: float = 1e-5
     accountant: str = "rdp"  # rdp | pld (dp-accounting's Renyi DP or privacy-loss-distribution accountant)
+    # false: the noise and the cohorts come from a secret drawn from the OS, kept in memory only
+    # (a resumed run draws a new one). true: from config.seed, so anyone with the config can
+    # regenerate and subtract the noise -- for tests; every metrics line then says so
+    reproducible_noise: bool = False
+    # metrics computed from the clients' raw data (training loss, personalised accuracy, update
+    # norms, ...) are not covered by epsilon: under DP they are left out of metrics.jsonl, and
+    # written to WORKDIR/metrics_not_private.jsonl only when this is true
+    raw_metrics: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -294,6 +306,16 @@ class DPConfig(_Section):
             self._check(self.target_epsilon == 0, "target_epsilon", "needs config.dp.clip > 0")
         self._check(not (self.target_epsilon > 0 and self.noise_multiplier > 0), "noise_multiplier",
                     f"is calibrated from config.dp.target_epsilon = {self.target_epsilon}: set one of the two")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardConfig(_Section):
+    """When a diverged run stops (fedms_jax/run.py): a server state that is not finite after an
+    update stops it at once; so do this many consecutive rounds in which every client's update
+    was excluded (non-finite)."""
+
+    _key = "guard."
+    max_bad_rounds: int = _int(3)
 
 
 @dataclasses.dataclass(frozen=True)

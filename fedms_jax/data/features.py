@@ -12,17 +12,17 @@ key is a SHA-256 of everything they depend on: the image bytes (after subsamplin
 parameters (every leaf's path, shape, dtype and bytes), its spec (geometry, F, flavour), the
 compute dtype, the normalisation statistics and this module's format version. A file is written
 to a temporary name in the same directory and renamed (``os.replace``), so the final name never
-holds a half-written file; a file that cannot be read or has the wrong shape, dtype or
-non-finite values is recomputed and rewritten.
+holds a half-written file, and the SHA-256 of its content is then written beside it
+(``<key>.sha256``); a file that cannot be read, has the wrong shape or dtype (read from its
+header first), does not match its content hash, or holds non-finite values is recomputed and
+rewritten.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedms_jax import storage
 from fedms_jax.data.preprocess import preprocess
 from fedms_jax.models.vision import VisionSpec, VisionTransformer
 
@@ -115,33 +116,49 @@ def cache_key(stem: FrozenStem, images: np.ndarray) -> str:
 
 
 def write_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: ``path``
-    is either absent, its old content, or the whole new array, never part of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """``np.save`` to a temporary file next to ``path``, fsync, then ``os.replace``
+    (``storage.atomic_file``): ``path`` is either absent, its old content, or the whole new
+    array, never part of one."""
+    with storage.atomic_file(path, f"the feature cache file {path.name}", array.nbytes) as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def content_hash(array: np.ndarray) -> str:
+    """SHA-256 of an array's shape, dtype and bytes (what ``<key>.sha256`` holds)."""
+    x = np.ascontiguousarray(array)
+    h = hashlib.sha256(repr((x.shape, x.dtype.str)).encode())
+    h.update(memoryview(x).cast("B"))
+    return h.hexdigest()
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_suffix(".sha256")
 
 
 def read_cached(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
-    """(the array in ``path`` if it is a float32 array of ``shape`` with finite values, else
-    None; why not)."""
+    """(the array in ``path`` if it is a float32 array of ``shape`` with finite values whose
+    content hash is the one written beside it (``<key>.sha256``), else None; why not)."""
     if not path.exists():
         return None, "absent"
+    x = None
     try:
+        with open(path, "rb") as f:  # the header first: a damaged shape cannot make a huge read
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            header_shape, _, dtype = read_header(f)
+            if tuple(header_shape) != shape or dtype != np.float32:
+                return None, f"holds {dtype} {tuple(header_shape)}, expected float32 {shape}"
         x = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         return None, f"unreadable ({e})"
     if x.shape != shape or x.dtype != np.float32:
         return None, f"holds {x.dtype} {x.shape}, expected float32 {shape}"
+    try:
+        written = digest_path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None, "has no content hash beside it (an interrupted write)"
+    if written != content_hash(x):
+        return None, "does not match its content hash (damaged)"
     if not np.isfinite(x).all():
         return None, "holds non-finite values"
     return x, "ok"
@@ -171,6 +188,8 @@ def stem_tokens(
         say(f"frozen stem: computed {what} in {seconds:.1f} s (data.feature_cache is empty: not kept)")
         return out
     write_atomic(path, out)
+    with storage.atomic_file(digest_path(path), "the feature cache's content hash") as f:
+        f.write((content_hash(out) + "\n").encode())  # after the tokens: a file without its hash is never read
     note = "" if why == "absent" else f"; the file there {why}"
     say(f"feature cache: computed {what} in {seconds:.1f} s, wrote {path}{note}")
     return out

@@ -149,6 +149,7 @@ def load_dataset(
     image_size: int = 0,
     num_clients: int = 0,
     min_examples: int = 1,
+    max_bytes: int = 0,
 ) -> tuple[Dataset, Dataset]:
     """By name: 'digits' (embedded), 'synthetic', 'idx' (MNIST-family IDX files in data_dir),
     'folder' (data_dir/{train,test}/<class>/ images; ``image_size`` > 0 resizes them), or any
@@ -160,26 +161,38 @@ def load_dataset(
     2 * min_examples * num_clients <= 1024 and num_clients <= 128 (e.g. the defaults, 20 x 16,
     or num_clients=0) that is ``load_synthetic()``'s 1024 / 256, bitwise; larger sizes are new
     draws from the same seeds. The other sources ignore ``num_clients`` and ``min_examples``.
+    ``max_bytes`` bounds what 'idx' and 'folder' decode (``data.max_bytes``; 0: half the
+    available memory), and 'synthetic' is checked against the available memory, before
+    anything is read or allocated.
     """
     if name in FILE_SOURCES and not data_dir:
         raise DataError(f"data.name={name!r} reads local files: set data.data_dir")
     if name not in SOURCES:
         return load_tfds(name, data_dir=data_dir)
     return SOURCES[name](data_dir=data_dir, seed=seed, image_size=image_size, num_clients=num_clients,
-                         min_examples=min_examples)
+                         min_examples=min_examples, max_bytes=max_bytes)
 
 
 def _synthetic(*, seed: int, num_clients: int, min_examples: int, **_) -> tuple[Dataset, Dataset]:
+    from fedms_jax.storage import MemoryLimitError, check_fits
+
     clients, per_client = max(int(num_clients), 0), max(int(min_examples), 1)
-    return load_synthetic(num_train=max(1024, 2 * per_client * clients), num_test=max(256, 2 * clients), seed=seed)
+    train, test = max(1024, 2 * per_client * clients), max(256, 2 * clients)
+    try:  # uint8 8x8x3 images and int32 labels, plus the generator's float64 block
+        check_fits((train + test) * (8 * 8 * 3 + 4) + _SYNTHETIC_CHUNK * 8 * 8 * 3 * 8 * 2,
+                   f"data.name='synthetic' with data.num_clients = {num_clients} and data.min_examples = "
+                   f"{min_examples} ({train} + {test} examples)", "use fewer clients")
+    except MemoryLimitError as e:
+        raise DataError(str(e)) from None
+    return load_synthetic(num_train=train, num_test=test, seed=seed)
 
 
-# data.name -> loader (keyword arguments: data_dir, seed, image_size, num_clients, min_examples);
+# data.name -> loader (keyword arguments: data_dir, seed, image_size, num_clients, min_examples, max_bytes);
 # any other name is a TFDS dataset.
 SOURCES = {
     "digits": lambda *, seed, **_: load_digits(seed=seed),
     "synthetic": _synthetic,
-    "idx": lambda *, data_dir, **_: files.load_idx(data_dir),
-    "folder": lambda *, data_dir, image_size, **_: files.load_image_folder(data_dir, image_size),
+    "idx": lambda *, data_dir, max_bytes, **_: files.load_idx(data_dir, max_bytes),
+    "folder": lambda *, data_dir, image_size, max_bytes, **_: files.load_image_folder(data_dir, image_size, max_bytes),
 }
 assert set(FILE_SOURCES) <= set(SOURCES)

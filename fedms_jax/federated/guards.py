@@ -13,6 +13,7 @@ from fedms_jax.privacy.mechanism import clip_by_global_norm
 
 PyTree = Any
 EXCLUDED = "excluded"  # the per-client metric: 1 for a client the guard excluded
+SERVER_FINITE = "server_finite"  # the round's metric: 1 if every float of the new server state is finite
 
 
 def all_finite(tree: PyTree) -> jax.Array:

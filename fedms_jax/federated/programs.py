@@ -32,9 +32,12 @@ def lower_round(engine, phase: Phase, server: PyTree, clients: PyTree, cohort_si
     rep = replicated(engine.mesh)
     index = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
     head = (abstract(server, rep), abstract(clients, rep), index(()), index((cohort_size,)), abstract(engine.backbone))
+    # DP with a secret: its key data are the last argument (a value is never compiled in).
+    secret = () if engine.noise_key is None else (
+        jax.ShapeDtypeStruct(engine.noise_key.shape, engine.noise_key.dtype, sharding=rep),)
     if data is None:
-        return engine.round_fn(phase).lower(*head, abstract(engine.data))
-    return engine.round_fn(phase).lower(*head, abstract(data, rep), index((cohort_size,)))
+        return engine.round_fn(phase).lower(*head, abstract(engine.data), *((None,) + secret if secret else ()))
+    return engine.round_fn(phase).lower(*head, abstract(data, rep), index((cohort_size,)), *secret)
 
 
 def lowering(engine, kind: str, phase: Phase, *args) -> tuple[tuple, Callable]:

@@ -36,7 +36,7 @@ from fedms_jax.compiling import Programs
 from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import aggregate, programs, sharding
 from fedms_jax.federated.client import client_update
-from fedms_jax.federated.guards import EXCLUDED, guard, privatized
+from fedms_jax.federated.guards import EXCLUDED, SERVER_FINITE, all_finite, guard, privatized
 from fedms_jax.federated.placement import Placement, make_placement, replicated
 from fedms_jax.federated.protocol import Algorithm
 from fedms_jax.federated.types import ClientStates, Phase, ServerState
@@ -71,19 +71,23 @@ class Engine:
       compile_threads: background threads for ``compile_ahead`` (0: every program is compiled
         when first used).
       dp: ``(clip, noise_multiplier)`` for DP-FedAvg (``privatized`` clients; the server adds
-        N(0, (noise_multiplier * clip)^2) per coordinate to each unit's sum, from the stream
-        ``(seed, DP_NOISE, round)``), or None.
+        N(0, (noise_multiplier * clip)^2) per coordinate to each unit's sum), or None.
+      noise_key: DP: the secret key data (``rng.secret_key_data``: uint32, drawn from the OS)
+        the noise comes from, ``(secret, DP_NOISE, round)``; it is an argument of the round
+        program, never a constant in it, so no compiled program (nor the persistent cache)
+        holds it. None: the reproducible stream ``(seed, DP_NOISE, round)`` (``dp.reproducible_noise``).
     """
 
     def __init__(
         self, algorithm, backbone: PyTree, data: ClientData, *, seed: int, placement: Placement,
         strategy: str = "replicated", eval_clients: int = 8, eval_batch: int = 256,
         tiers: Tiers | None = None, compile_threads: int = 0, dp: tuple[float, float] | None = None,
+        noise_key: np.ndarray | None = None,
     ) -> None:
         self.algorithm: Algorithm = algorithm
         self.placement = placement
         self._options = dict(eval_clients=eval_clients, eval_batch=eval_batch, tiers=tiers,
-                             compile_threads=compile_threads, dp=dp)
+                             compile_threads=compile_threads, dp=dp, noise_key=noise_key)
         mesh = placement.mesh if placement.mesh is not None else sharding.make_mesh()
         self.mesh = mesh
         self.strategy = strategy
@@ -95,6 +99,7 @@ class Engine:
         self.eval_batch = eval_batch
         self.tiers = tiers
         self.dp = dp
+        self.noise_key = None if noise_key is None or dp is None else np.asarray(noise_key, np.uint32)
         self.num_traces = 0  # how many round programs were traced (= compiled)
         self._programs: dict[tuple, Callable] = {}  # (kind, phase, ...) -> jitted function or client fn
         self.executables = Programs(compile_threads)  # (kind, phase, ...) -> compiled program
@@ -184,13 +189,16 @@ class Engine:
 
         return self._cached(("client", phase), make)
 
-    def _noise(self, round_index: jax.Array) -> tuple[jax.Array, float] | None:
+    def _noise(self, round_index: jax.Array, noise_key: jax.Array | None) -> tuple[jax.Array, float] | None:
         """DP: (key, stddev) of the round's noise on the units' sums: noise_multiplier * clip, from
-        the stream (seed, DP_NOISE, round); None without DP."""
+        the stream (secret, DP_NOISE, round) (``noise_key``: the traced secret key data), or
+        without one (seed, DP_NOISE, round); None without DP."""
         if self.dp is None:
             return None
         clip, z = self.dp
-        return rng.key(self.seed, rng.Stream.DP_NOISE, round_index), z * clip
+        if noise_key is None:
+            return rng.key(self.seed, rng.Stream.DP_NOISE, round_index), z * clip
+        return rng.secret_key(noise_key, rng.Stream.DP_NOISE, round_index), z * clip
 
     def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array,
                state_keys: tuple[str, ...] | None = None, positions: jax.Array | None = None) -> PyTree:
@@ -225,7 +233,8 @@ class Engine:
             self.client_fn(phase), broadcast, cohort, chunk_size=chunk_size or self.group_chunk(ids.shape[0]), mean=False)
         return summed, totals, states, metrics, cohort["count"]
 
-    def _round(self, server, clients, round_index, cohort_ids, backbone, data, positions=None, *, phase):
+    def _round(self, server, clients, round_index, cohort_ids, backbone, data, positions=None, noise_key=None, *,
+               phase):
         """The round body (traced once per phase): one ``train_group`` per group of the cohort
         (``groups``: the whole cohort without budget tiers), their sums aggregated once
         (``aggregate.aggregate``: added unit by unit, DP noise, divided by the totals), one
@@ -245,15 +254,17 @@ class Engine:
                 local = _scatter(local, states, rows)
                 metrics.append(m)
                 counts.append(n)
-            mean, totals = aggregate.aggregate(parts, self._noise(round_index))
+            mean, totals = aggregate.aggregate(parts, self._noise(round_index, noise_key))
             server = stage.server_update(server, mean, totals, phase)
+            finite = all_finite(server)  # the run stops on a diverged server (``run.Diverged``)
         metrics = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *metrics)
         excluded = metrics.pop(EXCLUDED)
         clients = ClientStates(
             participation=clients.participation.at[positions].add(1 - excluded.astype(jnp.int32)),
             local=local,
         )
-        return server, clients, aggregate.round_metrics(metrics, jnp.concatenate(counts), excluded, self.tiers)
+        out = aggregate.round_metrics(metrics, jnp.concatenate(counts), excluded, self.tiers)
+        return server, clients, {**out, SERVER_FINITE: finite.astype(jnp.float32)}
 
     def round_fn(self, phase: Phase) -> Callable:
         """The round at ``phase``: jitted (donating the states; every output replicated) for
@@ -261,7 +272,7 @@ class Engine:
         Arguments: (server, clients, round index, cohort ids, backbone, data[, positions]):
         without ``positions`` the cohort is at its ids in ``data`` and ``clients`` (every client
         there); with them (a streamed cohort: ``arange(cohort)``), at those rows."""
-        body = lambda s, c, t, ids, b, d, pos=None: self._round(s, c, t, ids, b, d, pos, phase=phase)
+        body = lambda s, c, t, ids, b, d, pos=None, noise=None: self._round(s, c, t, ids, b, d, pos, noise, phase=phase)
         jitted = lambda: jax.jit(body, donate_argnums=(0, 1), out_shardings=replicated(self.mesh))
         return self._cached(("round", phase), jitted if self.placement.jitted else lambda: body)
 
@@ -290,19 +301,23 @@ class Engine:
         (in cohort order): the returned states are then the cohort's new states."""
         m = len(cohort_ids)
         positions = None if data is None else np.arange(m, dtype=np.int32)
+        secret = () if self.noise_key is None else (self.noise_key,)  # an argument: never in a program
         if not self.placement.jitted:
             ids, t = jnp.asarray(cohort_ids, jnp.int32), jnp.asarray(round_index, jnp.int32)
+            secret = tuple(jnp.asarray(x) for x in secret)
             if data is None:
-                return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data)
+                return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data, *((None,) + secret if secret else ()))
             clients, data = jax.tree_util.tree_map(jnp.asarray, (clients, data))  # host arrays have no .at[]
-            return self.round_fn(phase)(server, clients, t, ids, self.backbone, data, jnp.asarray(positions))
+            return self.round_fn(phase)(server, clients, t, ids, self.backbone, data, jnp.asarray(positions), *secret)
         ids, t = self.place((np.asarray(cohort_ids, np.int32), np.asarray(round_index, np.int32)))
         server, clients = self.place((server, clients))
+        secret = self.place(secret)
         key, lower = self.lowering("round", phase, server, clients, m, data)
         if data is None:
-            return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, self.data)
+            return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, self.data,
+                                                    *((None,) + secret if secret else ()))
         data, positions = self.place((data, positions))
-        return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, data, positions)
+        return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, data, positions, *secret)
 
     # --- evaluation ---------------------------------------------------------------------------
     def program(self, key: tuple, make_body: Callable[[], Callable]) -> Callable:

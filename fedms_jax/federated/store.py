@@ -26,7 +26,6 @@ would delete deltas a later manifest still needs, so the deltas live beside it.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fedms_jax import storage
 from fedms_jax.data.dataset import DataError
 
 PyTree = Any
@@ -66,6 +66,8 @@ class StateStore:
         self.template = jax.tree_util.tree_map(np.asarray, template)
         self.treedef = jax.tree_util.tree_structure(self.template)
         self.num_clients = int(num_clients)
+        storage.check_fits(8 * self.num_clients, f"the client store's index of {self.num_clients} clients",
+                           "use fewer clients (config.data.num_clients)")
         self.slot = np.full(self.num_clients, -1, np.int64)  # client -> row, -1: never written
         self.written = 0  # rows in use
         self.dirty: set[int] = set()  # clients written since the last checkpoint
@@ -78,8 +80,11 @@ class StateStore:
         files = []
         for i, leaf in enumerate(_leaves(self.template)):
             path = self.directory / f"leaf_{i}.bin"
-            with open(path, "ab") as f:  # extend (sparse) to the new size
-                f.truncate(capacity * max(leaf.nbytes, 1))
+            # The blocks are allocated now (not sparse): a write through the map to a page the
+            # disk cannot back would kill the process with SIGBUS; this raises StorageError.
+            with open(path, "ab") as f:
+                storage.reserve(f.fileno(), capacity * max(leaf.nbytes, 1), path,
+                                f"the client store ({capacity} rows of {leaf.nbytes} bytes)")
             files.append(np.memmap(path, dtype=leaf.dtype, mode="r+", shape=(capacity,) + leaf.shape))
         self._files = files
         self.capacity = capacity
@@ -141,18 +146,9 @@ class StateStore:
 
 # --- incremental checkpoints ------------------------------------------------------------------
 def _save_npz(path: Path, **arrays: np.ndarray) -> int:
-    """Writes ``path`` atomically (a temporary name, then a rename); -> its size in bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """Writes ``path`` atomically (``storage.atomic_file``); -> its size in bytes."""
+    with storage.atomic_file(path, f"the client checkpoint {path.name}", sum(a.nbytes for a in arrays.values())) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power loss
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
     return path.stat().st_size
 
 
@@ -183,6 +179,9 @@ class ClientCheckpoints:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.manifest: dict[int, int] = {}
+        if self.directory.is_dir():  # a run killed mid-write leaves its temporary files: never restorable
+            for tmp in self.directory.glob(".*.npz.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def manifest_path(self, step: int) -> Path:
         return self.directory / f"manifest-{step}.npz"

@@ -258,6 +258,25 @@ def _normalise_key(key: str) -> str:
     return re.sub(r"\.beta$", ".bias", key)
 
 
+def _shards(path: Path, index: Path) -> list[Path]:
+    """The shard files an ``*.index.json`` names: plain file names inside ``path`` only (a name
+    with a directory part, ``..`` or a link out of the checkpoint directory is refused)."""
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
+    root = path.resolve()
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"{index} names the shard {name!r}: shards must be file names inside {path}")
+        shard = (path / name).resolve()
+        if shard.parent != root:
+            raise CheckpointError(f"{index} names the shard {name!r}, which resolves to {shard}, outside {path}")
+        out.append(shard)
+    return out
+
+
 def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -266,15 +285,14 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
     if single.exists():
         return dict(load_file(str(single)))
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         out: dict[str, np.ndarray] = {}
-        for shard in shards:
-            out.update(load_file(str(path / shard)))
+        for shard in _shards(path, index):
+            out.update(load_file(str(shard)))
         return out
     bins = [path / "pytorch_model.bin"]
     bin_index = path / "pytorch_model.bin.index.json"
     if bin_index.exists():
-        bins = [path / s for s in sorted(set(json.loads(bin_index.read_text())["weight_map"].values()))]
+        bins = _shards(path, bin_index)
     if bins[0].exists():
         import torch  # only for legacy .bin checkpoints
 

@@ -20,7 +20,8 @@ well); each ends as ``PeerLost`` with a message, never a hang.
 A signal during start-up (before the rounds, where there is no agreement point to stop at) is
 told to every process (``forward_startup_signals``): the signalled process posts it to the
 key-value store as it stops, and a watcher thread in each of the others, polling that key,
-sends its own process the same signal. So all of them stop together and meet in
+sends its own process the same signal (or, if its main thread is blocked in a collective
+with the process that left, ends the process itself). So all of them stop together and meet in
 ``jax.distributed``'s shutdown barrier; otherwise the barrier times out on the processes still
 starting up and XLA's coordination service aborts every process (SIGABRT, a C++ stack trace).
 """
@@ -39,6 +40,7 @@ _calls = 0  # all_gather_ints calls so far (the same sequence on every process)
 _previous: str | None = None  # this process's key of the previous call (deleted once all have read it)
 _runs = 0  # forward_startup_signals calls so far (the same sequence on every process)
 _POLL_S = 0.25
+_STUCK_S = 5.0  # after a forwarded signal, how long the main thread may take to act on it
 _TRANSPORT_WORDS = ("Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "UNAVAILABLE",
                     "DEADLINE_EXCEEDED", "heartbeat")
 
@@ -136,7 +138,9 @@ def forward_startup_signals():
     ``Interrupted``) stops the job's other processes too, and theirs stops this one (see the
     module docstring). A no-op in a single-process run. The watcher polls every 0.25 s, only
     while this process is itself in start-up, and is joined on exit (before the client shuts
-    down at interpreter exit)."""
+    down at interpreter exit). If the main thread has not acted on the forwarded signal within
+    ``_STUCK_S`` it is blocked waiting for the process that left, and the watcher ends the
+    process itself (``_stop_now``)."""
     import jax
 
     from fedms_jax import signals
@@ -168,6 +172,8 @@ def forward_startup_signals():
             if sender != me:
                 forwarded.set()
                 os.kill(os.getpid(), signum)  # handled in the main thread like the original
+                if not done.wait(_STUCK_S):  # the main thread is blocked in a call that waits
+                    _stop_now(signum)        # for the process that left: it never returns
             return
 
     signals.ON_STARTUP_SIGNAL.append(announce)
@@ -179,6 +185,26 @@ def forward_startup_signals():
         done.set()
         signals.ON_STARTUP_SIGNAL.remove(announce)
         thread.join()
+
+
+def _stop_now(signum: int) -> None:
+    """Ends this process from the watcher thread as the CLI would have: the start-up message,
+    no temporary file left, ``jax.distributed``'s shutdown barrier met (where the process that
+    left is waiting), exit 128 + ``signum``. For a main thread that cannot run its handler:
+    blocked in a collective (or a key-value wait) with the process that left, which would only
+    give up after ``timeout_s``."""
+    import sys
+
+    import jax
+
+    from fedms_jax import signals, storage
+
+    print(f"fedms-jax: {signals.Interrupted(signum)}", file=sys.stderr, flush=True)
+    storage.remove_live_temporaries()
+    with contextlib.suppress(Exception):
+        jax.distributed.shutdown()
+    sys.stdout.flush()
+    os._exit(128 + signum)
 
 
 def _first_line(e: BaseException) -> str:

@@ -152,6 +152,7 @@ def atomic_file(path: str | os.PathLike, what: str, needed: int | None = None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _LIVE_TEMPORARIES.add(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -164,7 +165,20 @@ def atomic_file(path: str | os.PathLike, what: str, needed: int | None = None):
         if isinstance(e, OSError) and disk_problem(e):
             raise storage_error(e, path.parent, what, needed) from None
         raise
+    finally:
+        _LIVE_TEMPORARIES.discard(tmp)
     fsync_dir(path.parent)
+
+
+_LIVE_TEMPORARIES: set[str] = set()  # ``atomic_file``'s temporary files being written now
+
+
+def remove_live_temporaries() -> None:
+    """Removes the temporary files ``atomic_file`` blocks are writing now: for a process about
+    to ``os._exit`` from another thread, where no ``finally`` will run."""
+    for tmp in list(_LIVE_TEMPORARIES):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -136,8 +136,9 @@ def agree_all(name: str, flag: bool) -> bool:
 def forward_startup_signals():
     """While active, a SIGTERM/SIGINT that stops this process during start-up (``signals``'
     ``Interrupted``) stops the job's other processes too, and theirs stops this one (see the
-    module docstring). A no-op in a single-process run. The watcher polls every 0.25 s, only
-    while this process is itself in start-up, and is joined on exit (before the client shuts
+    module docstring). A no-op in a single-process run. The watcher polls every 0.25 s while a
+    signal guard is active (in start-up, and in the rounds too: a process already in its first
+    round waits there for the one that stopped), and is joined on exit (before the client shuts
     down at interpreter exit). If the main thread has not acted on the forwarded signal within
     ``_STUCK_S`` it is blocked waiting for the process that left, and the watcher ends the
     process itself (``_stop_now``)."""
@@ -162,7 +163,7 @@ def forward_startup_signals():
 
     def watch() -> None:
         while not done.wait(_POLL_S):
-            if not signals.in_startup():
+            if signals.active() is None:
                 continue
             try:
                 value = client.key_value_try_get(key)
@@ -195,16 +196,17 @@ def _stop_now(signum: int) -> None:
     give up after ``timeout_s``."""
     import sys
 
-    import jax
-
     from fedms_jax import signals, storage
+
+    from jax._src import distributed as jax_distributed
 
     print(f"fedms-jax: {signals.Interrupted(signum)}", file=sys.stderr, flush=True)
     storage.remove_live_temporaries()
-    with contextlib.suppress(Exception):
-        jax.distributed.shutdown()
     sys.stdout.flush()
-    os._exit(128 + signum)
+    client = jax_distributed.global_state.client
+    with contextlib.suppress(Exception):
+        client.shutdown()  # the shutdown barrier; then out at once, before the main thread's
+    os._exit(128 + signum)  # collective can trip over the closed connection
 
 
 def _first_line(e: BaseException) -> str:

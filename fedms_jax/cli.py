@@ -3,6 +3,7 @@
     fedms-jax run [--config FILE_OR_NAME] [--workdir DIR] [--multihost] [--config.KEY=VALUE ...]
     fedms-jax report WORKDIR [--out DIR] [--tensorboard]
     fedms-jax plan [--config FILE_OR_NAME] [--layouts 8x1:replicated,2x4:fsdp,...] [--config.KEY=VALUE ...]
+    fedms-jax plan --topology v5e:16x16 [--strategy fsdp,tensor] [--cohorts search] [--json PATH] [...]
 
 Exit status: 0 done; 2 bad config or a work dir that cannot be resumed with it; 1 bad input
 (missing dataset, checkpoint or hub access, malformed or oversized data, a work dir that cannot
@@ -63,7 +64,19 @@ def _parser() -> argparse.ArgumentParser:
                         description=_PLAN, epilog=_OVERRIDES, formatter_class=_FORMAT)
     pl.add_argument("--config", default="embedded", help="built-in config name or a .py file with get_config()")
     pl.add_argument("--layouts", default="",
-                    help="comma-separated CLIENTSxMODEL:STRATEGY (default: every layout of the devices)")
+                    help="comma-separated CLIENTSxMODEL:STRATEGY (default: every layout of the devices, or of "
+                         "--topology: replicated, then fsdp and tensor with 2, 4, 8 chips on 'model')")
+    pl.add_argument("--topology", default="",
+                    help="compile every program of the run for a TPU topology instead, e.g. v5e:16x16, v4:2x2x2, "
+                         "2xv5e:16x16 (needs the tpu extra: pip install -e '.[tpu]')")
+    pl.add_argument("--strategy", default="",
+                    help="with --topology and no --layouts: these strategies only (comma-separated)")
+    pl.add_argument("--programs", choices=("all", "round"), default="all",
+                    help="with --topology: every program of the run, or the last phase's round program only")
+    pl.add_argument("--cohorts", default="",
+                    help="with --topology: also compile that round program for these clients per round "
+                         "(comma-separated), or 'search' for the largest that fits")
+    pl.add_argument("--json", default="", help="with --topology: also write the result to this JSON file")
     return p
 
 
@@ -248,6 +261,8 @@ def _report(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _plan(args: argparse.Namespace, config) -> int:
+    if args.topology:
+        return _plan_topology(args, config)
     import jax
 
     from fedms_jax import plan
@@ -262,6 +277,61 @@ def _plan(args: argparse.Namespace, config) -> int:
         return _user_error(e)
     print(f"{len(jax.devices())} {jax.devices()[0].platform} device(s); per device:")
     print(plan.table(rows))
+    return 0
+
+
+def _plan_topology(args: argparse.Namespace, config) -> int:
+    """``plan --topology``: every check on the arguments before anything is built or compiled."""
+    import json
+
+    import jax
+    from jax._src import xla_bridge
+
+    from fedms_jax import tpu
+
+    if not xla_bridge.backends_are_initialized() and not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")  # the host computes on its CPU; TPUs are only compiled for
+    tpu.quiet_libtpu()
+
+    from fedms_jax import plan, tpu_plan
+    from fedms_jax.federated import sharding
+
+    try:
+        tpu.parse_name(args.topology)
+        layouts = [plan.Layout.parse(t) for t in args.layouts.split(",") if t.strip()]
+    except ValueError as e:
+        return _error(str(e), 2)
+    try:
+        cohorts = [] if args.cohorts in ("", "search") else [int(c) for c in args.cohorts.split(",") if c.strip()]
+    except ValueError:
+        cohorts = [0]
+    if any(c < 1 for c in cohorts):
+        return _error(f"--cohorts {args.cohorts!r}: write positive clients per round, comma-separated, or 'search'", 2)
+    strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in sharding.STRATEGIES]
+    if bad:
+        return _error(f"--strategy {bad[0]!r}: must be among {list(sharding.STRATEGIES)}", 2)
+    json_problem = _path_problem(os.path.dirname(os.path.abspath(args.json)) or ".", "--json") if args.json else None
+    if json_problem:
+        return _error(json_problem, 1)
+    try:
+        topo = tpu.topology(args.topology)
+        if not layouts:
+            layouts = [lay for lay in tpu_plan.default_layouts(len(topo.devices))
+                       if not strategies or lay.strategy in strategies]
+        result = tpu_plan.plan_topology(config, args.topology, layouts, programs=args.programs, cohorts=cohorts,
+                                        search=args.cohorts == "search",
+                                        log=lambda line: print(line, file=sys.stderr, flush=True))
+    except tpu.TopologyError as e:
+        return _error(str(e), 2 if tpu.available() else 1)
+    except Exception as e:  # noqa: BLE001 - re-raised unless the user caused it
+        return _user_error(e)
+    print(tpu_plan.table(result))
+    if args.json:
+        from fedms_jax.storage import atomic_file
+
+        with atomic_file(args.json, "the plan") as f:
+            f.write(json.dumps(result, indent=1).encode())
     return 0
 
 

@@ -14,6 +14,7 @@ with the same flags, and every comparison with an independent oracle has a toler
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import socket
@@ -28,6 +29,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # before jax is imported anyw
 # The oracles compare at fp32 tolerances; JAX's default f32 matmul on GPUs is TF32 (on an H200
 # the cached-vs-per-step test then differs by 3.5e-6 absolute). Full fp32 there; CPUs are fp32 anyway.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# With the tpu extra (libtpu) installed on a host with no TPU, JAX would probe for one in every
+# process, with warnings on stderr; the TPU tests compile for topologies, which needs no probe.
+if (importlib.util.find_spec("libtpu") is not None and not os.path.exists("/dev/accel0")
+        and not os.path.exists("/dev/vfio")):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 

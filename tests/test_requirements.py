@@ -31,3 +31,12 @@ def test_every_dependency_is_pinned_within_its_range():
         assert req.specifier.contains(pins[name], prereleases=True), (
             f"requirements.txt pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}"
         )
+
+
+def test_the_tpu_extra_pins_the_jax_of_requirements():
+    """libtpu is built for one jaxlib: the tpu extra (and the test extra, which installs it for
+    tests/test_tpu_plan.py) must name requirements.txt's jax."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("tpu", "test"):
+        tpu = [Requirement(d) for d in extras[extra] if Requirement(d).name == "jax"]
+        assert [(r.extras, str(r.specifier)) for r in tpu] == [({"tpu"}, f"=={_pins()['jax']}")], extra

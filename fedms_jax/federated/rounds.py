@@ -51,6 +51,14 @@ def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: in
     return uniform_cohort(seed, round_index, num_clients, cohort_size)
 
 
+def _put(tree: PyTree, shardings: PyTree) -> PyTree:
+    """Arrays placed by ``shardings``; a ShapeDtypeStruct (an engine that only lowers programs,
+    e.g. for a TPU topology with no device attached: ``tpu_plan``) gets the sharding instead."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if isinstance(x, jax.ShapeDtypeStruct)
+        else jax.device_put(x, s), tree, shardings)
+
+
 class Engine:
     """Runs rounds and evaluations of an algorithm over stacked client data.
 
@@ -59,6 +67,7 @@ class Engine:
       backbone: the frozen backbone params (laid out by ``strategy`` on ``mesh``).
       data: every client's training data (``ClientData``; placed replicated here), or None for a
         streamed population (``federated.population``), whose rounds get the cohort's data.
+        Both may be ShapeDtypeStructs: an engine that only lowers (``lower_round``, ``lowering``).
       seed: the run's seed.
       placement: ``placement.Vmap`` (one jitted round) or ``placement.Sequential``; its mesh
         (default: every device on 'clients') is where the backbone, data and states live.
@@ -91,8 +100,8 @@ class Engine:
         mesh = placement.mesh if placement.mesh is not None else sharding.make_mesh()
         self.mesh = mesh
         self.strategy = strategy
-        self.backbone = jax.device_put(backbone, sharding.shardings(backbone, mesh, strategy))
-        self.data = None if data is None else jax.device_put(data, replicated(mesh))
+        self.backbone = _put(backbone, sharding.shardings(backbone, mesh, strategy))
+        self.data = None if data is None else _put(data, jax.tree_util.tree_map(lambda _: replicated(mesh), data))
         self.data_like: ClientData | None = None  # streamed: a cohort's data shapes (``data_spec``)
         self.seed = seed
         self.eval_clients = eval_clients
@@ -111,16 +120,23 @@ class Engine:
                 self._programs[key] = make()
             return self._programs[key]
 
-    def with_layout(self, mesh=None, strategy: str | None = None, *, algorithm=None, backbone: PyTree = None) -> "Engine":
+    def with_layout(self, mesh=None, strategy: str | None = None, *, algorithm=None, backbone: PyTree = None,
+                    abstract: bool = False, chunk_size: int | None = -1) -> "Engine":
         """A new engine (nothing compiled) for the same run on another layout: ``mesh`` and
         ``strategy`` (None: this engine's), and optionally another ``algorithm`` or ``backbone``;
         the data, seed, evaluation sizes, tiers and DP as here. The placement keeps its backend
-        and chunk size (``Vmap`` re-split over ``sharding.client_axes(strategy)``)."""
+        and chunk size (``Vmap`` re-split over ``sharding.client_axes(strategy)``) unless
+        ``chunk_size`` is given (None: the whole cohort). ``abstract``: the backbone and data
+        only as shapes, for lowering on a mesh of devices that are not attached (a TPU topology)."""
         mesh = self.mesh if mesh is None else mesh
         strategy = strategy or self.strategy
         kind = "vmap" if self.placement.jitted else "sequential"
-        placement = make_placement(kind, mesh, getattr(self.placement, "chunk_size", None), strategy)
-        engine = Engine(algorithm or self.algorithm, self.backbone if backbone is None else backbone, self.data,
+        chunk = getattr(self.placement, "chunk_size", None) if chunk_size == -1 else chunk_size
+        placement = make_placement(kind, mesh, chunk, strategy)
+        backbone, data = self.backbone if backbone is None else backbone, self.data
+        if abstract:
+            backbone, data = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (backbone, data))
+        engine = Engine(algorithm or self.algorithm, backbone, data,
                         seed=self.seed, placement=placement, strategy=strategy, **self._options)
         engine.data_like = self.data_like
         return engine

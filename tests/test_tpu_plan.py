@@ -1,0 +1,166 @@
+"""Compiling for TPU topologies with no TPU attached (libtpu, the tpu extra): every program of a
+tiny FedMS run on v5e:2x2 and v4:2x2x1 under each strategy, loop-counted FLOPs and collectives
+against hand counts, what does not fit, and the one-line errors."""
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fed_helpers import TINY
+
+from fedms_jax import hlo, plan, tpu, tpu_plan
+from fedms_jax.cli import main
+from fedms_jax.config import apply_overrides, load_config, validate
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="the tpu extra (libtpu) is not installed: pip install -e '.[tpu]'")
+# Lane-aligned widths (128), so XLA:TPU's tiled layouts add no padding and bytes are the shapes'.
+MODEL = ["model.hidden=128", "model.mlp_dim=256", "model.heads=4", "model.layers=2"]
+FEDMS = [*TINY, *MODEL, "algorithm=fedms", "rounds=2", "stage1_rounds=1", "eval_every=2"]
+
+
+def _config(*extra):
+    return validate(apply_overrides(load_config("embedded"), [*FEDMS, *extra]))
+
+
+@needs_libtpu
+def test_matmul_flops_and_collectives_count_every_loop_iteration():
+    """A 3 x 10 nested scan of a [128, 256] x [256, 256] matmul and its gradient: 3 matmuls per
+    step, so 3 * 2 * 128 * 256 * 256 * 30 FLOPs in all -- from the CPU compile, and a quarter of
+    it per device from the TPU compile over four devices (XLA's cost_analysis counts each loop
+    body once). The weight's gradient is reduced over the 'clients' axis once."""
+    topo = tpu.topology("v5e:2x2")
+    mesh = tpu.mesh(topo, 2, 2)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def f(w, x):
+        def outer(c, _):
+            return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), c, None, length=10)[0], None
+        return jnp.sum(jax.lax.scan(outer, x, None, length=3)[0])
+
+    g = jax.jit(jax.grad(f))
+    total = 3 * 2 * 128 * 256 * 256 * 30
+    cpu = g.lower(jax.ShapeDtypeStruct((256, 256), jnp.float32), jax.ShapeDtypeStruct((128, 256), jnp.float32)).compile()
+    assert hlo.count(cpu.as_text()).matmul_flops == total
+    assert cpu.cost_analysis()["flops"] < total / 5  # (why hlo.count exists)
+    w = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=NamedSharding(mesh, P(None, "model")))
+    x = jax.ShapeDtypeStruct((128, 256), jnp.float32, sharding=NamedSharding(mesh, P("clients", None)))
+    counts = hlo.count(g.lower(w, x).compile().as_text())
+    assert counts.matmul_flops == total / 4 and counts.unknown_loops == 0
+    assert counts.collectives["all-reduce"][0] >= 1 and counts.collective_bytes > 0
+
+
+def _by_program(result):
+    out = {}
+    for row in result["rows"]:
+        out.setdefault(row["layout"], {})[row["program"]] = row
+    return out
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v4:2x2x1"])
+def test_every_program_of_a_fedms_run_compiles_under_each_strategy(topology):
+    n = len(tpu.topology(topology).devices)
+    layouts = [plan.Layout(n, 1, "replicated"), plan.Layout(n // 2, 2, "fsdp"), plan.Layout(n // 2, 2, "tensor")]
+    config = _config(f"cohort_size={n}", f"data.num_clients={2 * n}")
+    result = tpu_plan.plan_topology(config, topology, layouts)
+    rows = _by_program(result)
+    wanted = {"init", "round (stage 1, k=1)", "round (stage 2, k=2)", "personal (stage 2, k=2)", "global (stage 2, k=2)"}
+    assert set(rows) == {str(lay) for lay in layouts}
+    for layout, programs in rows.items():
+        assert set(programs) == wanted, layout
+        assert all(r["fits"] and r["peak_mb"] > 0 and r["compile_s"] > 0 for r in programs.values())
+        for name in ("round (stage 1, k=1)", "round (stage 2, k=2)"):
+            r = programs[name]
+            assert r["gflops"] > 0 and r["round_s"] > 0 and r["clients_per_s"] > 0 and r["unknown_loops"] == 0
+    # The oracle from parameter counts: the initial states are the program's outputs (replicated),
+    # their bytes per device the shapes' but for XLA:TPU's tile padding of the few small arrays.
+    exp_states = jax.eval_shape(lambda k: _algorithm(config).init(k, config.data.num_clients), jax.random.key(0))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(exp_states))
+    for programs in rows.values():
+        assert state_bytes <= programs["init"]["outputs_mb"] * tpu_plan.MB <= 1.05 * state_bytes
+    # The backbone is half per device under fsdp and tensor on a model axis of 2 (tensor keeps
+    # embeddings, norms and row-parallel biases whole), all of it under replicated.
+    rep, fsdp, tensor = (rows[str(lay)]["round (stage 2, k=2)"]["backbone_mb"] for lay in layouts)
+    assert fsdp == pytest.approx(rep / 2, rel=1e-6) and rep / 2 < tensor < rep * 0.6
+    first = {lay: rows[str(lay)]["round (stage 2, k=2)"] for lay in layouts}
+    assert "all-gather" in first[layouts[1]]["collectives"]  # fsdp gathers each block's weights
+    # (FedMS training its global expert under tensor is a known bug the run refuses: said per row.)
+    assert "tensor" in first[layouts[2]]["run_refuses"] and "run_refuses" not in first[layouts[1]]
+
+
+def _algorithm(config):
+    from fedms_jax.run import build
+
+    return build(config).algorithm
+
+
+@needs_libtpu
+def test_tpu_and_cpu_compiles_of_one_round_program_count_the_same_flops():
+    config = _config("cohort_size=4", "data.num_clients=8")
+    from fedms_jax.federated import sharding
+    from fedms_jax.run import build
+
+    exp = build(plan.one_chunk(config), mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    server, clients = exp.states_like()
+    phase = exp.algorithm.phase(config.rounds - 1)
+    cpu = hlo.count(exp.engine.lower_round(phase, server, clients, 4).compile().as_text()).matmul_flops
+    topo = tpu.topology("v5e:2x2")
+    engine = exp.engine.with_layout(tpu.mesh(topo, 4, 1), "replicated", abstract=True, chunk_size=None)
+    per_device = hlo.count(engine.lower_round(phase, server, clients, 4).compile().as_text()).matmul_flops
+    assert per_device * 4 == pytest.approx(cpu, rel=0.10)
+
+
+@needs_libtpu
+def test_a_cohort_too_large_for_the_chips_is_reported_as_not_fitting():
+    config = _config("model.image_size=224", "model.patch_size=16", "cohort_size=4", "data.num_clients=4096",
+                     "data.min_examples=2", "population.mode=streamed")
+    result = tpu_plan.plan_topology(config, "v5e:2x2", [plan.Layout(4, 1, "replicated")], programs="round",
+                                    cohorts=[4096])
+    small, huge = result["rows"]
+    assert small["fits"] and small["cohort"] == 4
+    # XLA:TPU refuses to compile it (RESOURCE_EXHAUSTED): the row says what it needed.
+    assert not huge["fits"] and huge["cohort"] == 4096 and huge["peak_mb"] > huge["hbm_mb"] == 16 * 1024
+    assert "HBM" in huge["error"] and "| NO |" in tpu_plan.table(result)
+
+
+def _plan_cli(capsys, *args):
+    status = main(["plan", *(f"--config.{o}" for o in FEDMS), *args])
+    return status, capsys.readouterr().err
+
+
+@needs_libtpu
+@pytest.mark.parametrize("args, message", [
+    (["--topology", "v9:2x2"], "--topology 'v9:2x2': write GEN:SHAPE"),
+    (["--topology", "v5e:3x3"], "--topology 'v5e:3x3': libtpu cannot make it (Topology layout \"v5e:3x3\" is not divisible"),
+    (["--topology", "v5e:2x2", "--layouts", "3x1:replicated"], "layout 3x1:replicated: clients x model = 3, but v5e:2x2 has 4 devices"),
+    (["--topology", "v5e:2x2", "--layouts", "2x2:replicated"], "the replicated strategy has no model axis"),
+    (["--topology", "v5e:2x2", "--layouts", "4x1:replicated", "--config.cohort_size=6"],
+     "layout 4x1:replicated: 6 clients per round (cohort_size = 6) do not divide over the 4 devices"),
+    (["--topology", "v5e:2x2", "--strategy", "zero"], "--strategy 'zero': must be among"),
+    (["--topology", "v5e:2x2", "--cohorts", "-3"], "--cohorts '-3': write positive clients per round"),
+])
+def test_bad_topologies_and_meshes_are_one_line_errors(capsys, args, message):
+    status, err = _plan_cli(capsys, *args)
+    assert status == 2 and err.count("\n") == 1 and err.startswith("fedms-jax: error:"), err
+    assert message in err, err
+
+
+def test_plan_topology_without_libtpu_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setattr(tpu, "available", lambda: False)
+    status, err = _plan_cli(capsys, "--topology", "v5e:2x2")
+    assert status == 1 and err.count("\n") == 1, err
+    assert "needs libtpu, which is not installed: pip install -e '.[tpu]'" in err
+
+
+def test_topology_names_parse():
+    assert tpu.parse_name("v5e:16x16") == (1, "v5e", (16, 16))
+    assert tpu.parse_name("2xV4:2x2x2") == (2, "v4", (2, 2, 2))
+    with pytest.raises(tpu.TopologyError, match="write GEN:SHAPE"):
+        tpu.parse_name("v5e")
+    assert [str(x) for x in tpu_plan.default_layouts(8)] == [
+        "8x1:replicated", "4x2:fsdp", "4x2:tensor", "2x4:fsdp", "2x4:tensor", "1x8:fsdp", "1x8:tensor"]
+    assert np.isclose(tpu.CHIPS["v5e"].bf16_flops, 197e12)

@@ -25,8 +25,11 @@ import numpy as np
 
 INSTALL = "pip install -e '.[tpu]' (jax[tpu], with libtpu, pinned to this jax)"
 # libtpu looks for a TPU VM's metadata when it loads and prints warnings when there is none;
-# these make it load quietly on a host with no TPU (a TPU VM sets its own, which are kept).
-QUIET_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost"}
+# the first three make it load quietly on a host with no TPU (a TPU VM sets its own, which are
+# kept). The last lets several processes load it at once (it takes a host-wide lock file,
+# /tmp/libtpu_lockfile, meant for processes that open the chips; compiling opens none).
+QUIET_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
+             "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 class TopologyError(ValueError):

@@ -43,7 +43,8 @@ class Roofline:
 
     * compute: matmul FLOPs per device / peak bf16 FLOP/s per device;
     * memory: XLA's bytes accessed, scaled by the loops' trip counts the way the FLOPs are
-      (XLA counts a loop body once) / HBM bandwidth;
+      (XLA counts a loop body once) / HBM bandwidth -- a crude stand-in, which can be far too
+      high (experiments/results/tpu_plan/RESULTS.md) until HBM traffic is walked per fusion;
     * collectives: their result bytes per device (an all-reduce twice: a reduce-scatter then an
       all-gather) / the ICI bandwidth per device, not overlapped with compute; over several
       slices the data-centre network is slower, which this does not model.

@@ -117,6 +117,11 @@ def abstract(tree: PyTree, sharding: Any = None) -> PyTree:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None)), tree)
 
 
+def shapes(tree: PyTree) -> PyTree:
+    """ShapeDtypeStructs of ``tree``'s arrays with no sharding (to be laid out anew)."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
 @dataclasses.dataclass
 class Timing:
     """One program's compile: when it was asked for, lowered (traced) and compiled, in seconds of

@@ -23,12 +23,11 @@ import contextlib
 import dataclasses
 import re
 import time
-from typing import Any
 
 import jax
-import numpy as np
 
 from fedms_jax import hlo, plan, tpu
+from fedms_jax.compiling import shapes
 from fedms_jax.config import Config
 from fedms_jax.federated import sharding
 from fedms_jax.federated.placement import replicated
@@ -74,7 +73,7 @@ def _name(kind: str, phase) -> str:
     return f"{kind} (stage {phase.stage}, k={phase.num_active})" if phase is not None else kind
 
 
-def compile_row(engine, key_name: str, lower, topo: tpu.Topology, cohort: int | None) -> dict:
+def compile_row(key_name: str, lower, topo: tpu.Topology, cohort: int | None) -> dict:
     """Lowers and compiles one program; its row of numbers (see the module docstring)."""
     t0 = time.perf_counter()
     try:
@@ -114,10 +113,6 @@ def _not_fitting(key_name: str, message: str, topo: tpu.Topology, cohort: int | 
     if cohort is not None:
         row["cohort"] = cohort
     return row
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
 def check_layout(layout: plan.Layout, topo: tpu.Topology, cohort: int, chunk: int | None) -> None:
@@ -213,11 +208,11 @@ def _layout_rows(exp, layout, topo, wanted, last, chunk, programs, cohorts, sear
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(engine.mesh))
         n = 1 if exp.streamed else config.data.num_clients
         init = jax.jit(exp.algorithm.init, static_argnums=1, out_shardings=replicated(engine.mesh))
-        rows.append({**base, **compile_row(engine, "init", lambda: init.lower(key, n), topo, None)})
+        rows.append({**base, **compile_row("init", lambda: init.lower(key, n), topo, None)})
         log(f"{layout}: init")
     for kind, phase, *args in wanted:
-        _, lower = engine.lowering(kind, phase, *[a if isinstance(a, int) else _abstract(a) for a in args])
-        row = compile_row(engine, _name(kind, phase), lower, topo, config.cohort_size if kind == "round" else None)
+        _, lower = engine.lowering(kind, phase, *[a if isinstance(a, int) else shapes(a) for a in args])
+        row = compile_row(_name(kind, phase), lower, topo, config.cohort_size if kind == "round" else None)
         rows.append({**base, **row})
         log(f"{layout}: {row['program']} {row['compile_s']:.1f} s")
     for m in cohorts or []:
@@ -250,7 +245,7 @@ def round_row(exp, engine, phase, cohort: int, topo: tpu.Topology) -> dict:
         clients = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((cohort,) + x.shape[1:], x.dtype), clients)
         data = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((cohort,) + x.shape[1:], x.dtype), engine.data_like)
     lower = lambda: engine.lower_round(phase, server, clients, cohort, data)
-    return compile_row(engine, _name("round", phase), lower, topo, cohort)
+    return compile_row(_name("round", phase), lower, topo, cohort)
 
 
 def largest_cohort(exp, engine, phase, topo: tpu.Topology, chunk: int | None, limit: int = 1 << 20) -> int:

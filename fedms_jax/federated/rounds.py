@@ -32,7 +32,7 @@ import numpy as np
 
 from fedms_jax import rng
 from fedms_jax.budgets import Group, Tiers, uniform_cohort
-from fedms_jax.compiling import Programs
+from fedms_jax.compiling import Programs, shapes
 from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import aggregate, programs, sharding
 from fedms_jax.federated.client import client_update
@@ -135,7 +135,7 @@ class Engine:
         placement = make_placement(kind, mesh, chunk, strategy)
         backbone, data = self.backbone if backbone is None else backbone, self.data
         if abstract:
-            backbone, data = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (backbone, data))
+            backbone, data = shapes((backbone, data))
         engine = Engine(algorithm or self.algorithm, backbone, data,
                         seed=self.seed, placement=placement, strategy=strategy, **self._options)
         engine.data_like = self.data_like

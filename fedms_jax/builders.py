@@ -72,7 +72,7 @@ def build_expert(config: Config, class_names: Sequence[str], rng: jax.Array) -> 
         stats = IMAGENET_HALF
     tune = m.tune_head or m.head == "linear"
     expert = Expert(spec, lora_spec(config), len(class_names), head_kind=m.head, tune_head=tune, dtype=dtype,
-                    scan_layers=m.scan_layers)
+                    scan_layers=m.scan_layers, remat=m.remat)
     if backbone is None:
         backbone = jax.jit(expert.init_backbone)(rng)
     if head is not None:

@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="with --topology: also compile that round program for these clients per round "
                          "(comma-separated), or 'search' for the largest that fits")
     pl.add_argument("--json", default="", help="with --topology: also write the result to this JSON file")
+    pl.add_argument("--jobs", type=int, default=0,
+                    help="with --topology: layouts compiled at once (threads; 0: one per CPU core)")
     return p
 
 
@@ -305,6 +307,8 @@ def _plan_topology(args: argparse.Namespace, config) -> int:
         cohorts = [] if args.cohorts in ("", "search") else [int(c) for c in args.cohorts.split(",") if c.strip()]
     except ValueError:
         cohorts = [0]
+    if args.jobs < 0:
+        return _error(f"--jobs {args.jobs}: must be >= 0 (0: one per CPU core)", 2)
     if any(c < 1 for c in cohorts):
         return _error(f"--cohorts {args.cohorts!r}: write positive clients per round, comma-separated, or 'search'", 2)
     strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
@@ -320,7 +324,7 @@ def _plan_topology(args: argparse.Namespace, config) -> int:
             layouts = [lay for lay in tpu_plan.default_layouts(len(topo.devices))
                        if not strategies or lay.strategy in strategies]
         result = tpu_plan.plan_topology(config, args.topology, layouts, programs=args.programs, cohorts=cohorts,
-                                        search=args.cohorts == "search",
+                                        search=args.cohorts == "search", jobs=args.jobs,
                                         log=lambda line: print(line, file=sys.stderr, flush=True))
     except tpu.TopologyError as e:
         return _error(str(e), 2 if tpu.available() else 1)

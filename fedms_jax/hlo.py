@@ -14,6 +14,15 @@ whose count neither gives counts once and is reported in ``unknown_loops``.
 FLOPs are those of ``dot`` and ``convolution`` instructions (2 per multiply-add; in a
 convolution only the kernel taps that meet input elements, not the holes of a dilated input):
 a ViT's matmuls are nearly all of its FLOPs; elementwise work, softmax and norms are left out.
+
+Memory traffic (``hbm_traffic``) is walked the same way, one top-level instruction at a time:
+after fusion every instruction outside a fused computation reads its operands from memory and
+writes its result there, and what happens inside a fusion stays on chip. So a fusion counts its
+operands' and result's bytes, except that an operand it only slices (``dynamic-slice``, the
+way a scanned layer reads its weights from the stacked array) counts the slices, and an
+in-place ``dynamic-update-slice`` result counts the update. Caches, prefetch and the overlap of
+one instruction's reads with another's writes are not modelled: this is the traffic a roofline
+divides by the bandwidth.
 """
 from __future__ import annotations
 
@@ -125,12 +134,14 @@ def _trip_count(ins: Instruction, comps: dict[str, Computation]) -> int | None:
 class Counts:
     """Per execution of the program: ``collectives`` {kind: (count, bytes)} (bytes: the
     results' sizes, per device), ``matmul_flops`` per device, ``static`` {kind: instructions in
-    the text}, and ``unknown_loops``: loops whose trip count could not be read (counted once)."""
+    the text}, ``unknown_loops``: loops whose trip count could not be read (counted once), and
+    ``hbm_bytes``: memory traffic per device (``hbm_traffic``)."""
 
     collectives: dict[str, tuple[float, float]]
     static: dict[str, int]
     matmul_flops: float
     unknown_loops: int
+    hbm_bytes: float = 0.0
 
     @property
     def collective_bytes(self) -> float:
@@ -234,4 +245,92 @@ def count(text: str) -> Counts:
                 coll[kind][1] += t * size
             elif ins.op in ("dot", "convolution"):
                 flops += t * _dot_flops(ins, comp)
-    return Counts({k: (v[0], v[1]) for k, v in coll.items()}, dict(static), flops, unknown)
+    return Counts({k: (v[0], v[1]) for k, v in coll.items()}, dict(static), flops, unknown,
+                  hbm_traffic(comps, entry, times))
+
+
+# Instructions that move no data of their own (views, tuples, control, the async halves whose
+# start already counted the transfer).
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "iota"}
+_CONTROL_CALLS = {"while", "conditional", "call", "async-start"}
+_OPERANDS = re.compile(r"%([\w.\-]+)")
+
+
+def _operand_names(ins: Instruction) -> list[str]:
+    """The operands of an instruction (its text up to the closing parenthesis of the operand list)."""
+    depth, end = 1, len(ins.rest)
+    for i, ch in enumerate(ins.rest):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            end = i
+            break
+    return _OPERANDS.findall(ins.rest[:end])
+
+
+def _fusion_traffic(ins: Instruction, operands: list[str], shapes: dict[str, str], fused: Computation | None) -> float:
+    """Bytes a fusion moves: its operands' and result's, with sliced operands and in-place
+    updates counted by what they touch (module docstring)."""
+    reads = [shape_bytes(shapes.get(o, "")) for o in operands]
+    write = shape_bytes(ins.shape)
+    if fused is None or not fused.instructions:
+        return sum(reads) + write
+    local = {i.name: i for i in fused.instructions}
+    index = {i.name: int(m.group(1)) for i in fused.instructions if i.op == "parameter"
+             for m in [re.match(r"(\d+)\)", i.rest)] if m}
+    users: dict[str, list[Instruction]] = defaultdict(list)
+    for i in fused.instructions:
+        for o in _operand_names(i):
+            users[o].append(i)
+    root = fused.instructions[-1]
+    in_place = root.op == "dynamic-update-slice"
+    if in_place:
+        args = _operand_names(root)
+        buffer, update = (args + ["", ""])[:2]
+        write = shape_bytes(local[update].shape) if update in local else write
+    for name, k in index.items():
+        if k >= len(reads):
+            continue
+        use = users.get(name, [])
+        if in_place and use == [root] and _operand_names(root)[:1] == [name]:
+            reads[k] = 0  # the buffer updated in place is not read
+        elif use and all(u.op in ("dynamic-slice", "slice") and _operand_names(u)[:1] == [name] for u in use):
+            reads[k] = sum(shape_bytes(u.shape) for u in use)
+    return sum(reads) + write
+
+
+def hbm_traffic(comps: dict[str, Computation], entry: str, times: dict[str, float]) -> float:
+    """Memory bytes read and written per execution by the top-level instructions (those of the
+    entry computation and of the loops, branches and calls it runs), loops counted."""
+    control, stack = set(), [entry]
+    while stack:
+        name = stack.pop()
+        if name in control or name not in comps:
+            continue
+        control.add(name)
+        for ins in comps[name].instructions:
+            if ins.op in _CONTROL_CALLS:
+                for _, target in _CALLEES.findall(ins.rest):
+                    stack += re.findall(r"%?([\w.\-]+)", target)
+    total = 0.0
+    for name in control:
+        comp, t = comps[name], times.get(name, 0.0)
+        shapes = {**comp.params, **{i.name: i.shape for i in comp.instructions}}
+        for ins in comp.instructions:
+            if ins.op in _NO_TRAFFIC or ins.op.endswith("-done"):
+                continue
+            operands = _operand_names(ins)
+            if ins.op == "fusion":
+                called = re.search(r"calls=%?([\w.\-]+)", ins.rest)
+                moved = _fusion_traffic(ins, operands, shapes, comps.get(called.group(1)) if called else None)
+            elif ins.op.endswith("-start"):  # its shape holds its operands and results
+                moved = shape_bytes(ins.shape)
+            elif ins.op == "dynamic-slice":
+                moved = 2 * shape_bytes(ins.shape)
+            elif ins.op == "dynamic-update-slice" and len(operands) > 1:
+                moved = 2 * shape_bytes(shapes.get(operands[1], ""))
+            else:
+                moved = shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands)
+            total += t * moved
+    return total

@@ -19,8 +19,10 @@ Nothing runs: the numbers are the compiler's and the chip's published specs (``t
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import os
 import re
 import time
 
@@ -41,9 +43,9 @@ class Roofline:
     chip's peak numbers; every term assumes the chip runs at its peak:
 
     * compute: matmul FLOPs per device / peak bf16 FLOP/s per device;
-    * memory: XLA's bytes accessed, scaled by the loops' trip counts the way the FLOPs are
-      (XLA counts a loop body once) / HBM bandwidth -- a crude stand-in, which can be far too
-      high (experiments/results/tpu_plan/RESULTS.md) until HBM traffic is walked per fusion;
+    * memory: the program's HBM traffic per device, walked over its top-level instructions
+      with loops counted (``hlo.hbm_traffic``: each fusion's operands and result) / the HBM
+      bandwidth per device;
     * collectives: their result bytes per device (an all-reduce twice: a reduce-scatter then an
       all-gather) / the ICI bandwidth per device, not overlapped with compute; over several
       slices the data-centre network is slower, which this does not model.
@@ -59,14 +61,11 @@ class Roofline:
         return max(self.compute_s, self.memory_s) + self.collective_s
 
 
-def roofline(counts: hlo.Counts, cost: dict, topo: tpu.Topology) -> Roofline:
-    flops_once = float(cost.get("flops", 0.0)) or 1.0
-    scale = max(1.0, counts.matmul_flops / flops_once)
-    ici = topo.chip.ici_bandwidth / topo.chip.devices_per_chip
+def roofline(counts: hlo.Counts, topo: tpu.Topology) -> Roofline:
+    per_device = lambda per_chip: per_chip / topo.chip.devices_per_chip
     moved = sum(b * (2.0 if kind == "all-reduce" else 1.0) for kind, (_, b) in counts.collectives.items())
-    return Roofline(counts.matmul_flops / topo.device_flops,
-                    float(cost.get("bytes accessed", 0.0)) * scale / topo.chip.hbm_bandwidth * topo.chip.devices_per_chip,
-                    moved / ici)
+    return Roofline(counts.matmul_flops / topo.device_flops, counts.hbm_bytes / per_device(topo.chip.hbm_bandwidth),
+                    moved / per_device(topo.chip.ici_bandwidth))
 
 
 def _name(kind: str, phase) -> str:
@@ -76,24 +75,26 @@ def _name(kind: str, phase) -> str:
 def compile_row(key_name: str, lower, topo: tpu.Topology, cohort: int | None) -> dict:
     """Lowers and compiles one program; its row of numbers (see the module docstring)."""
     t0 = time.perf_counter()
+    lowered = lower()
+    t1 = time.perf_counter()
     try:
-        compiled = lower().compile()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return _not_fitting(key_name, str(e), topo, cohort, time.perf_counter() - t0)
+        return {**_not_fitting(key_name, str(e), topo, cohort, time.perf_counter() - t0), "lower_s": t1 - t0}
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
     counts = hlo.count(compiled.as_text())
     peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     row = dict(program=key_name, arguments_mb=mem.argument_size_in_bytes / MB, outputs_mb=mem.output_size_in_bytes / MB,
                temporaries_mb=mem.temp_size_in_bytes / MB, peak_mb=peak / MB, hbm_mb=topo.device_hbm / MB,
-               fits=bool(peak <= topo.device_hbm), gflops=counts.matmul_flops / 1e9,
+               fits=bool(peak <= topo.device_hbm), gflops=counts.matmul_flops / 1e9, hbm_gb=counts.hbm_bytes / 1e9,
                collectives={k: {"count": c, "mb": b / MB} for k, (c, b) in sorted(counts.collectives.items())},
-               collective_mb=counts.collective_bytes / MB, unknown_loops=counts.unknown_loops, compile_s=seconds)
+               collective_mb=counts.collective_bytes / MB, unknown_loops=counts.unknown_loops, compile_s=seconds,
+               lower_s=t1 - t0)
     if cohort is not None:
-        est = roofline(counts, cost, topo)
+        est = roofline(counts, topo)
         row.update(cohort=cohort, compute_s=est.compute_s, memory_s=est.memory_s, collective_s=est.collective_s,
                    round_s=est.seconds, clients_per_s=cohort / est.seconds if est.seconds > 0 else float("inf"))
     return row
@@ -146,12 +147,14 @@ def default_layouts(n: int, max_model: int = 8) -> list[plan.Layout]:
 
 def plan_topology(config: Config, topology: str, layouts: list[plan.Layout] | None = None, *,
                   programs: str = "all", cohorts: list[int] | None = None, search: bool = False,
-                  log=None) -> dict:
+                  log=None, jobs: int = 0) -> dict:
     """Compiles the run's programs for ``topology`` under each layout (default:
     ``default_layouts``). ``programs``: 'all' (every program of the run) or 'round' (the round
     program of the last phase: stage 2 when there is one, the most blocks active).
     ``cohorts``: more clients per round to compile that round program for; ``search``: find the
-    largest that fits (``largest_cohort``). Returns ``{"topology": ..., "rows": [...]}``."""
+    largest that fits (``largest_cohort``). ``jobs``: layouts compiled at once, in threads (XLA
+    compiles outside the GIL; 0: one per CPU core). Returns ``{"topology": ..., "rows": [...]}``,
+    the rows in the order of ``layouts``."""
     from fedms_jax.run import build
 
     log = log or (lambda _: None)
@@ -160,8 +163,10 @@ def plan_topology(config: Config, topology: str, layouts: list[plan.Layout] | No
     chunk = config.placement.chunk_size or None
     for layout in layouts:
         check_layout(layout, topo, config.cohort_size, chunk)
+    t0 = time.perf_counter()
     exp = build(plan.one_chunk(config) if chunk is None else config,
                 mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    log(f"built the run on this host in {time.perf_counter() - t0:.1f} s")
     server, clients = exp.states_like()
     wanted = exp.programs(server, clients)
     last = exp.algorithm.phase(config.rounds - 1)
@@ -171,11 +176,11 @@ def plan_topology(config: Config, topology: str, layouts: list[plan.Layout] | No
                 hosts=topo.hosts, device_hbm_mb=topo.device_hbm / MB, source=topo.chip.source,
                 algorithm=config.algorithm, cohort_size=config.cohort_size, population=exp.mode,
                 backbone_params=exp.backbone_params)
-    rows = []
-    with _no_persistent_cache():
-        for layout in layouts:
-            rows += _layout_rows(exp, layout, topo, wanted, last, chunk, programs, cohorts, search, log)
-    return {**head, "rows": rows}
+    jobs = max(1, min(len(layouts), jobs or os.cpu_count() or 1))
+    with _no_persistent_cache(), concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="plan") as pool:
+        parts = list(pool.map(
+            lambda layout: _layout_rows(exp, layout, topo, wanted, last, chunk, programs, cohorts, search, log), layouts))
+    return {**head, "rows": [row for part in parts for row in part]}
 
 
 @contextlib.contextmanager
@@ -214,13 +219,13 @@ def _layout_rows(exp, layout, topo, wanted, last, chunk, programs, cohorts, sear
         _, lower = engine.lowering(kind, phase, *[a if isinstance(a, int) else shapes(a) for a in args])
         row = compile_row(_name(kind, phase), lower, topo, config.cohort_size if kind == "round" else None)
         rows.append({**base, **row})
-        log(f"{layout}: {row['program']} {row['compile_s']:.1f} s")
+        log(f"{layout}: {row['program']} {row['compile_s']:.1f} s ({row['lower_s']:.1f} s tracing and lowering)")
     for m in cohorts or []:
         rows.append({**base, **round_row(exp, engine, last, m, topo)})
     if search:
-        best = largest_cohort(exp, engine, last, topo, chunk)
-        rows.append({**base, "program": "largest cohort that fits", "largest_cohort": best})
-        log(f"{layout}: largest cohort {best}")
+        best = largest_cohort(exp, engine, last, topo, chunk, log=log)
+        rows.append({**base, "program": "largest cohort that fits", **best})
+        log(f"{layout}: largest cohort {best['largest_cohort']} ({best['compiles']} compiles)")
     return rows
 
 
@@ -248,23 +253,59 @@ def round_row(exp, engine, phase, cohort: int, topo: tpu.Topology) -> dict:
     return compile_row(_name("round", phase), lower, topo, cohort)
 
 
-def largest_cohort(exp, engine, phase, topo: tpu.Topology, chunk: int | None, limit: int = 1 << 20) -> int:
+def largest_cohort(exp, engine, phase, topo: tpu.Topology, chunk: int | None, limit: int = 1 << 20,
+                   log=None) -> dict:
     """The most clients per round (a multiple of the client axis' devices, and of the chunk
-    when there is one; at most the population for a device population) whose round program
-    at ``phase`` fits the device's HBM: doubling, then bisection. 0 if none does."""
+    when there is one; at most the population for a device population, ``limit`` streamed)
+    whose round program at ``phase`` fits the device's HBM.
+
+    With a fixed chunk only the cohort's states, data and metrics grow with it, so the peak is
+    nearly linear in the cohort: secant steps (the line through the last two compiles, where
+    it crosses the HBM) close in on the edge in a few compiles (near it XLA:TPU squeezes its
+    temporaries, and the line flattens), then galloping up from the largest cohort known to fit
+    until one does not, and bisection between the two. Returns
+    {largest_cohort, compiles, peak_mb_per_client (the last secant's slope)}; 0 if none fits."""
+    log = log or (lambda _: None)
     step = chunk or engine.placement.num_devices
-    cap = limit if exp.streamed else exp.config.data.num_clients // step * step
-    fits = lambda m: round_row(exp, engine, phase, m, topo)["fits"]
-    lo, hi = 0, step
-    while hi <= cap and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, cap + step)
-    while hi - lo > step:  # lo fits (or is 0), hi does not (or is past the cap)
-        mid = (lo + hi) // 2 // step * step
-        if mid <= lo:
+    cap = limit // step * step if exp.streamed else exp.config.data.num_clients // step * step
+    hbm, peaks = topo.device_hbm, {}
+    bounds = {"lo": 0, "hi": cap + step}  # lo fits (or is 0); hi does not (or is past the cap)
+
+    def probe(m: int) -> float:
+        value = round_row(exp, engine, phase, m, topo)["peak_mb"] * MB
+        peaks[m] = value if value == value else float("inf")  # nan: refused, the size not said
+        if peaks[m] <= hbm:
+            bounds["lo"] = max(bounds["lo"], m)
+        else:
+            bounds["hi"] = min(bounds["hi"], m)
+        log(f"  cohort {m}: peak {peaks[m] / MB:.0f} MB ({'fits' if peaks[m] <= hbm else 'does not fit'})")
+        return peaks[m]
+
+    slope, last = float("nan"), [step, min(cap, 4 * step)]
+    if probe(step) > hbm:
+        return dict(largest_cohort=0, compiles=len(peaks), peak_mb_per_client=slope)
+    if last[1] > step:
+        probe(last[1])
+    for _ in range(8):  # secant steps
+        (a, pa), (b, pb) = ((m, peaks[m]) for m in last)
+        if b == a or pb == float("inf") or pb <= pa or bounds["hi"] - bounds["lo"] <= step:
             break
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+        slope = (pb - pa) / (b - a)
+        guess = int(b + (hbm - pb) / slope) // step * step
+        guess = min(max(guess, bounds["lo"] + step), bounds["hi"] - step)
+        if guess in peaks:
+            break
+        probe(guess)
+        last = [b, guess]
+    gap = step  # nothing known not to fit yet: gallop up from the largest that does
+    while bounds["hi"] > cap and bounds["lo"] < cap:
+        probe(min(bounds["lo"] + gap, cap))
+        gap *= 2
+    lo, hi = bounds["lo"], bounds["hi"]
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if probe(mid) <= hbm else (lo, mid)
+    return dict(largest_cohort=lo, compiles=len(peaks), peak_mb_per_client=slope / MB if slope == slope else slope)
 
 
 def table(result: dict) -> str:
@@ -274,7 +315,7 @@ def table(result: dict) -> str:
            f"{r['device_hbm_mb'] / 1024:.1f} GiB HBM per device ({r['source']}); {r['algorithm']}, "
            f"{r['cohort_size']} clients per round, {r['population']} population; per device:", "",
            "| layout | program | fits | peak MB | arguments MB | temporaries MB | GFLOP | collectives (count, MB) "
-           "| compile s | est. round s | clients/s |",
+           "| compile s | est. round s (compute / HBM / collectives) | clients/s |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         if "largest_cohort" in row:
@@ -283,7 +324,8 @@ def table(result: dict) -> str:
         coll = ", ".join(f"{k} {v['count']:.0f}x {v['mb']:.1f}" for k, v in row["collectives"].items()) or "none"
         if "error" in row:
             coll = "refused by XLA:TPU: out of HBM"
-        est = (f"{row['round_s']:.3g} | {row['clients_per_s']:.4g}" if "round_s" in row else " | ")
+        est = (f"{row['round_s']:.3g} ({row['compute_s']:.3g} / {row['memory_s']:.3g} / {row['collective_s']:.3g}) "
+               f"| {row['clients_per_s']:.4g}" if "round_s" in row else " | ")
         name = row["program"] + (f", {row['cohort']} clients" if "cohort" in row and row["cohort"] != r["cohort_size"] else "")
         if row.get("run_refuses"):
             name += " (run refuses this layout)"

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +26,7 @@ from fedms_jax.federated.client import Sampler
 from fedms_jax.federated.store import ClientCheckpoints, StateStore, StoreError
 from fedms_jax.run import run
 
+HERE = Path(__file__).parent
 N, M, ROUNDS = 12, 4, 5
 # FedMS with persistent local experts and gate heads (stage 2 from round 2), checkpoints after
 # rounds 2, 4 and 5 of which the newest two are kept: the last restore needs the delta of round 2.
@@ -313,3 +318,20 @@ def test_streamed_budget_tiers_equal_device_tiers_bitwise(tmp_path):
     assert np.array_equal(out["device"][0], out["streamed"][0])
     assert np.array_equal(out["device"][1], out["streamed"][1])
     assert out["device"][2] == out["streamed"][2]
+
+
+def test_streamed_cohorts_split_over_four_devices_equal_device_mode_bitwise(tmp_path):
+    """On 4 devices a streamed cohort's states and data are split over the client axis (each
+    device holds its 4 of the 16 clients' rows, in and out), budget tiers and two chunks per
+    tier included, and the run is bitwise the device mode's (replicated population)."""
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "out.npz"
+    r = subprocess.run([sys.executable, str(HERE / "population_worker.py"), str(out), str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(out)
+    assert got["shard_rows"].tolist() == [4]
+    assert np.array_equal(got["device_server"], got["streamed_server"])
+    assert np.array_equal(got["device_states"], got["streamed_states"])
+    assert json.loads(str(got["device_lines"])) == json.loads(str(got["streamed_lines"]))

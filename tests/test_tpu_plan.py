@@ -53,6 +53,25 @@ def test_matmul_flops_and_collectives_count_every_loop_iteration():
     assert counts.collectives["all-reduce"][0] >= 1 and counts.collective_bytes > 0
 
 
+def test_hbm_traffic_counts_each_top_level_instruction_with_its_loops():
+    """Hand counts on XLA:CPU's compiles (f32, MiB = 2^20 bytes): a 512 x 512 matmul reads two
+    1 MiB operands and writes 1 MiB; a 10-step scan of an elementwise update of a 4 MiB vector
+    reads and writes it every step (80 MiB) plus at most the loop's copies in and out; a scan over
+    8 stacked 256 x 256 layers reads each layer once (its slice, not the 2 MiB stack): per step
+    the slice out and back (0.5 MiB), the matmul's 64 KiB input, 256 KiB weight and 64 KiB
+    output, the tanh's 64 KiB in and out: 1 MiB per layer, 8 in all, and the carry's copy in."""
+    mib = float(1 << 20)
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    traffic = lambda f, *args: hlo.count(jax.jit(f).lower(*args).compile().as_text()).hbm_bytes / mib
+    assert traffic(lambda a, b: a @ b, f32(512, 512), f32(512, 512)) == 3.0
+    step = lambda c, _: (jnp.sin(c) * 2 + 1, None)
+    moved = traffic(lambda x: jax.lax.scan(step, x, None, length=10)[0], f32(1 << 20))
+    assert 80.0 <= moved <= 80.0 + 3 * 4.0
+    layers = lambda h, w: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, w)[0]
+    moved = traffic(layers, f32(64, 256), f32(8, 256, 256))
+    assert 8.0 <= moved <= 8.0 + 4 * 0.0625  # naive operand sizes would read the 2 MiB stack 8 times
+
+
 def _by_program(result):
     out = {}
     for row in result["rows"]:
@@ -125,6 +144,29 @@ def test_a_cohort_too_large_for_the_chips_is_reported_as_not_fitting():
     # XLA:TPU refuses to compile it (RESOURCE_EXHAUSTED): the row says what it needed.
     assert not huge["fits"] and huge["cohort"] == 4096 and huge["peak_mb"] > huge["hbm_mb"] == 16 * 1024
     assert "HBM" in huge["error"] and "| NO |" in tpu_plan.table(result)
+
+
+@needs_libtpu
+def test_the_largest_cohort_search_finds_the_edge_of_the_hbm():
+    """224 px images make each streamed client's data ~1.2 MB, so a v5e's 16 GiB holds some
+    thousands of clients per device: 5% below the search's answer fits and 5% above does not,
+    each compiled again here, and the secant steps got there in a dozen compiles at most."""
+    config = _config("model.image_size=224", "model.patch_size=16", "cohort_size=4", "data.num_clients=4",
+                     "data.min_examples=2", "population.mode=streamed", "placement.chunk_size=4")
+    from fedms_jax.federated import sharding
+    from fedms_jax.run import build
+
+    exp = build(config, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    topo = tpu.topology("v5e:2x2")
+    engine = exp.engine.with_layout(tpu.mesh(topo, 4, 1), "replicated", abstract=True, chunk_size=4)
+    phase = exp.algorithm.phase(config.rounds - 1)
+    found = tpu_plan.largest_cohort(exp, engine, phase, topo, 4)
+    m = found["largest_cohort"]
+    assert m > 1000 and m % 4 == 0 and found["compiles"] <= 12
+    # Compiled again here: within 5% of the edge (right at it XLA:TPU squeezes its temporaries,
+    # and whether a cohort a step away fits is not stable from one compile to the next).
+    assert tpu_plan.round_row(exp, engine, phase, int(0.95 * m) // 4 * 4, topo)["fits"]
+    assert not tpu_plan.round_row(exp, engine, phase, int(1.05 * m) // 4 * 4, topo)["fits"]
 
 
 def _plan_cli(capsys, *args):

@@ -164,6 +164,10 @@ class ModelConfig(_Section):
     # run a range of blocks as one lax.scan over their stacked params (compile time independent
     # of depth); False unrolls them (same parameters, same outputs)
     scan_layers: bool = True
+    # rematerialise each block in the backward pass (jax.checkpoint): training keeps one token
+    # state per block instead of every block's activations, for about a third more FLOPs; the
+    # same values and gradients (what lets a ViT-L client's batch fit a TPU's HBM: docs/sharding-and-plan.md)
+    remat: bool = False
 
     def _validate(self) -> None:
         self._choice("dtype", DTYPES)

@@ -14,7 +14,8 @@ A backend has two operations, used by training and evaluation alike:
 ('clients', 'model') when the backbone's strategy computes data-parallel over the whole mesh:
 ``sharding.client_axes``), so XLA partitions the clients over those devices. Cohorts larger
 than fit at once run in chunks (``lax.scan`` over vmapped chunks), summing weighted uploads as
-they go so memory holds one chunk. ``Sequential``
+they go so memory holds one chunk; a chunk takes the same share of clients from every device's
+block (``_chunked``), so clients split over the devices stay where they are. ``Sequential``
 is a Python loop over clients with ``fn`` jitted once: the same math, for debugging and
 comparison. Algorithms never see which backend runs them.
 
@@ -58,6 +59,20 @@ def _pad_clients(tree: PyTree, m: int, to: int) -> PyTree:
     if to == m:
         return tree
     return jax.tree_util.tree_map(lambda x: jnp.concatenate([x, jnp.zeros((to - m,) + x.shape[1:], x.dtype)]), tree)
+
+
+def _chunked(x: jax.Array, n: int, d: int) -> jax.Array:
+    """[m, ...] -> [n, m / n, ...] chunks, each taking m / n / d consecutive clients from every
+    one of the ``d`` contiguous blocks the client devices hold (clients split over them): chunk
+    j holds rows i * m / d + j * m / (n d) + r of device i, so no client moves between devices."""
+    m, rest = x.shape[0], x.shape[1:]
+    return x.reshape((d, n, m // (n * d)) + rest).swapaxes(0, 1).reshape((n, m // n) + rest)
+
+
+def _unchunked(x: jax.Array, d: int) -> jax.Array:
+    """The inverse of ``_chunked``: [n, c, ...] -> [n * c, ...] in the original client order."""
+    n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+    return x.reshape((n, d, c // d) + rest).swapaxes(0, 1).reshape((n * c,) + rest)
 
 
 class Vmap:
@@ -122,8 +137,8 @@ class Vmap:
             out = vmapped(broadcast, per_client)
             totals = jax.tree_util.tree_map(jnp.sum, out.weight)
             return reduce(weighted_sum(out.upload, out.weight), totals), totals, out.state, out.metrics
-        n = m // chunk
-        chunks = jax.tree_util.tree_map(lambda x: x.reshape((n, chunk) + x.shape[1:]), per_client)
+        n, d = m // chunk, self.num_devices
+        chunks = jax.tree_util.tree_map(lambda x: _chunked(x, n, d), per_client)
         shape = jax.eval_shape(vmapped, broadcast, jax.tree_util.tree_map(lambda x: x[0], chunks))
         zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape[1:], s.dtype), tree)
 
@@ -135,10 +150,7 @@ class Vmap:
             return (acc, totals), (out.state, out.metrics)
 
         (summed, totals), (states, metrics) = jax.lax.scan(body, (zeros(shape.upload), zeros(shape.weight)), chunks)
-        # Not re-constrained after the reshape: chunk-major order interleaves the devices' shards,
-        # and forcing P('clients') on it would move every client's new state between devices.
-        unchunk = lambda x: x.reshape((m,) + x.shape[2:])
-        states, metrics = jax.tree_util.tree_map(unchunk, (states, metrics))
+        states, metrics = self.constrain(jax.tree_util.tree_map(lambda x: _unchunked(x, d), (states, metrics)))
         return reduce(summed, totals), totals, states, metrics
 
     def map(self, fn: Callable, broadcast: PyTree, per_client: PyTree, *, chunk_size: int | None = None) -> PyTree:

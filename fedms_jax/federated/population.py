@@ -177,7 +177,7 @@ class Streamed:
 
     def _gather(self, ids: np.ndarray) -> tuple[PyTree, ClientData]:
         """(host states, device data) of a cohort: runs in the store's thread."""
-        data = self.engine.place(self.data.gather(ids, cohort_bucket(self.sizes, self.counts, ids)))
+        data = self.engine.place_cohort(self.data.gather(ids, cohort_bucket(self.sizes, self.counts, ids)))
         return self.store.read(ids), data
 
     def _submit(self, fn, *args) -> concurrent.futures.Future:

@@ -5,7 +5,8 @@ Every program has a key and a ``lower()`` that traces and lowers it from its arg
 ``('round', phase, cohort_size)`` (a streamed cohort's: also its padded data shape), the
 personalised evaluation ``('personal', phase, eval_batch, eval_clients)`` and the global one
 ``('global', phase, eval_batch, test shape)``. Every input and output has a fixed sharding
-(states, round index, cohort ids and data replicated; the backbone by the engine's strategy), so
+(states, round index, cohort ids and data replicated, but a streamed cohort's states and data
+split over the client devices; the backbone by the engine's strategy), so
 one executable serves every round of its phase. The backbone is always an argument, never a
 closed-over constant (XLA would embed it in the program).
 """
@@ -27,17 +28,18 @@ PyTree = Any
 def lower_round(engine, phase: Phase, server: PyTree, clients: PyTree, cohort_size: int, data: PyTree = None):
     """The round program at ``phase`` for a cohort of ``cohort_size``, lowered (traced) from the
     states' shapes: ``server`` and ``clients`` may be arrays or ShapeDtypeStructs. ``data``: a
-    streamed cohort's data (its shapes; then ``clients`` is the cohort's states and the program
-    takes their positions), or None for the engine's data."""
+    streamed cohort's data (its shapes; then ``clients`` is the cohort's states, and both are
+    split over the client devices: ``Engine.cohort_sharding``), or None for the engine's data."""
     rep = replicated(engine.mesh)
+    streamed = data is not None
+    split = engine.cohort_sharding if streamed else rep
     index = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
-    head = (abstract(server, rep), abstract(clients, rep), index(()), index((cohort_size,)), abstract(engine.backbone))
     # DP with a secret: its key data are the last argument (a value is never compiled in).
     secret = () if engine.noise_key is None else (
         jax.ShapeDtypeStruct(engine.noise_key.shape, engine.noise_key.dtype, sharding=rep),)
-    if data is None:
-        return engine.round_fn(phase).lower(*head, abstract(engine.data), *((None,) + secret if secret else ()))
-    return engine.round_fn(phase).lower(*head, abstract(data, rep), index((cohort_size,)), *secret)
+    return engine.round_fn(phase, streamed).lower(
+        abstract(server, rep), abstract(clients, split), index(()), index((cohort_size,)), abstract(engine.backbone),
+        abstract(data, split) if streamed else abstract(engine.data), *secret)
 
 
 def lowering(engine, kind: str, phase: Phase, *args) -> tuple[tuple, Callable]:

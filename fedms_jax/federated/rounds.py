@@ -29,6 +29,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from fedms_jax import rng
 from fedms_jax.budgets import Group, Tiers, uniform_cohort
@@ -37,7 +38,7 @@ from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import aggregate, programs, sharding
 from fedms_jax.federated.client import client_update
 from fedms_jax.federated.guards import EXCLUDED, SERVER_FINITE, all_finite, guard, privatized
-from fedms_jax.federated.placement import Placement, make_placement, replicated
+from fedms_jax.federated.placement import Placement, clients_sharding, make_placement, replicated
 from fedms_jax.federated.protocol import Algorithm
 from fedms_jax.federated.types import ClientStates, Phase, ServerState
 from fedms_jax.models.transformer import layer_params_hook
@@ -147,15 +148,7 @@ class Engine:
         Arrays already placed so are returned as they are. Host (numpy) arrays are taken as the
         same on every process, as the run's are by construction (device_put would check that
         with a collective on every call in a multi-process job)."""
-        rep = replicated(self.mesh)
-
-        def put(x):
-            if isinstance(x, jax.Array):
-                return jax.device_put(x, rep)
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, rep, lambda index: x[index])
-
-        return jax.tree_util.tree_map(put, tree)
+        return _place(tree, replicated(self.mesh))
 
     @property
     def data_spec(self) -> PyTree:
@@ -217,13 +210,14 @@ class Engine:
         return rng.secret_key(noise_key, rng.Stream.DP_NOISE, round_index), z * clip
 
     def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array,
-               state_keys: tuple[str, ...] | None = None, positions: jax.Array | None = None) -> PyTree:
+               state_keys: tuple[str, ...] | None = None, rows: jax.Array | slice | None = None) -> PyTree:
         """One round's per-client inputs [cohort, ...]: id, images, labels, count, key, split_key,
         participation (rounds each has trained in before), state (the entries ``state_keys`` of
-        the client states; None: all). ``positions``: the
-        cohort's rows in ``data`` and ``clients`` (None: its ids, as when they hold every
-        client; a streamed cohort's arrays hold just the cohort)."""
-        rows = cohort_ids if positions is None else positions
+        the client states; None: all). ``rows``: the cohort's rows in ``data`` and ``clients``
+        (None: its ids, as when they hold every client; a streamed cohort's arrays hold just the
+        cohort, split over the client devices, and its groups are static slices of them, so
+        nothing is gathered across devices)."""
+        rows = cohort_ids if rows is None else rows
         take = lambda x: x[rows]
         return {
             "id": cohort_ids,
@@ -238,24 +232,23 @@ class Engine:
         }
 
     def train_group(self, server, clients, round_index, ids, backbone, data, phase: Phase, *, chunk_size=None,
-                    positions=None):
-        """One group of a round (the whole cohort, or the budget tiers of one level): the clients ``ids`` (at ``positions`` of ``data``
-        and ``clients``; None: at their ids) trained at ``phase`` (the group's level) ->
-        (summed uploads, totals, new states, metrics, example counts)."""
+                    rows=None):
+        """One group of a round (the whole cohort, or the budget tiers of one level): the clients
+        ``ids`` (at ``rows`` of ``data`` and ``clients``; None: at their ids) trained at ``phase``
+        (the group's level) -> (summed uploads, totals, new states, metrics, example counts)."""
         stage = self.algorithm.stage(phase)
-        cohort = self.gather(data, clients, ids, round_index, stage.state_keys, positions)
+        cohort = self.gather(data, clients, ids, round_index, stage.state_keys, rows)
         broadcast = (backbone, stage.broadcast(server, phase))
         summed, totals, states, metrics = self.placement.map_reduce(
             self.client_fn(phase), broadcast, cohort, chunk_size=chunk_size or self.group_chunk(ids.shape[0]), mean=False)
         return summed, totals, states, metrics, cohort["count"]
 
-    def _round(self, server, clients, round_index, cohort_ids, backbone, data, positions=None, noise_key=None, *,
-               phase):
+    def _round(self, server, clients, round_index, cohort_ids, backbone, data, noise_key=None, *, phase, streamed):
         """The round body (traced once per phase): one ``train_group`` per group of the cohort
         (``groups``: the whole cohort without budget tiers), their sums aggregated once
-        (``aggregate.aggregate``: added unit by unit, DP noise, divided by the totals), one
-        ``server_update`` at the round's phase, the states scattered back, the metrics weighted."""
-        positions = cohort_ids if positions is None else positions
+        (``aggregate.aggregate``: added unit by unit, DP noise, divided by each unit's total) -> one
+        ``server_update`` at the round's phase, the states scattered back, the metrics weighted.
+        ``streamed``: ``clients`` and ``data`` hold just the cohort, in cohort order."""
         stage = self.algorithm.stage(phase)
         with layer_params_hook(sharding.gather_layers(self.mesh, self.strategy)):  # fsdp: gather per layer
             if self.placement.jitted:
@@ -263,9 +256,10 @@ class Engine:
                 backbone = sharding.for_compute(backbone, self.mesh, self.strategy)
             parts, local, metrics, counts = [], clients.local, [], []
             for g in self.groups(phase, cohort_ids.shape[0]):
-                ids, rows = cohort_ids[g.start:g.start + g.size], positions[g.start:g.start + g.size]
+                ids = cohort_ids[g.start:g.start + g.size]
+                rows = slice(g.start, g.start + g.size) if streamed else ids
                 summed, totals, states, m, n = self.train_group(server, clients, round_index, ids, backbone, data,
-                                                                Phase(phase.stage, g.level), positions=rows)
+                                                                Phase(phase.stage, g.level), rows=rows)
                 parts.append((summed, totals))
                 local = _scatter(local, states, rows)
                 metrics.append(m)
@@ -275,22 +269,40 @@ class Engine:
             finite = all_finite(server)  # the run stops on a diverged server (``run.Diverged``)
         metrics = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *metrics)
         excluded = metrics.pop(EXCLUDED)
+        trained = 1 - excluded.astype(jnp.int32)
         clients = ClientStates(
-            participation=clients.participation.at[positions].add(1 - excluded.astype(jnp.int32)),
+            participation=clients.participation + trained if streamed else clients.participation.at[cohort_ids].add(trained),
             local=local,
         )
         out = aggregate.round_metrics(metrics, jnp.concatenate(counts), excluded, self.tiers)
         return server, clients, {**out, SERVER_FINITE: finite.astype(jnp.float32)}
 
-    def round_fn(self, phase: Phase) -> Callable:
-        """The round at ``phase``: jitted (donating the states; every output replicated) for
-        ``Vmap``; for ``Sequential`` a Python function driving one jitted client at a time.
-        Arguments: (server, clients, round index, cohort ids, backbone, data[, positions]):
-        without ``positions`` the cohort is at its ids in ``data`` and ``clients`` (every client
-        there); with them (a streamed cohort: ``arange(cohort)``), at those rows."""
-        body = lambda s, c, t, ids, b, d, pos=None, noise=None: self._round(s, c, t, ids, b, d, pos, noise, phase=phase)
-        jitted = lambda: jax.jit(body, donate_argnums=(0, 1), out_shardings=replicated(self.mesh))
-        return self._cached(("round", phase), jitted if self.placement.jitted else lambda: body)
+    def round_fn(self, phase: Phase, streamed: bool = False) -> Callable:
+        """The round at ``phase``: jitted (donating the states) for ``Vmap``; for ``Sequential`` a
+        Python function driving one jitted client at a time. Arguments: (server, clients, round
+        index, cohort ids, backbone, data[, DP secret]). Device population (``streamed=False``):
+        ``clients`` and ``data`` hold every client, replicated, the cohort at its ids; every
+        output replicated. Streamed: they hold just the cohort, in cohort order, split over the
+        client devices (``cohort_sharding``), and so are its new states; the rest replicated."""
+        body = lambda s, c, t, ids, b, d, noise=None: self._round(s, c, t, ids, b, d, noise, phase=phase,
+                                                                  streamed=streamed)
+        rep = replicated(self.mesh)
+        out = (rep, self.cohort_sharding if streamed else rep, rep)
+        jitted = lambda: jax.jit(body, donate_argnums=(0, 1), out_shardings=out)
+        return self._cached(("round", phase, streamed), jitted if self.placement.jitted else lambda: body)
+
+    @property
+    def cohort_sharding(self) -> NamedSharding:
+        """A streamed cohort's states and data: the client axis split over the devices its
+        clients train on (``placement.axes``), so each device holds only its clients' rows."""
+        if not self.placement.jitted:
+            return replicated(self.mesh)
+        return clients_sharding(self.mesh, self.placement.axes)
+
+    def place_cohort(self, tree: PyTree) -> PyTree:
+        """A streamed cohort's host (or device) arrays, split over the client devices
+        (``cohort_sharding``); like ``place``, host arrays are taken as the same on every process."""
+        return _place(tree, self.cohort_sharding)
 
     def lower_round(self, phase: Phase, server: PyTree, clients: PyTree, cohort_size: int, data: PyTree = None):
         """The round program at ``phase`` for a cohort of ``cohort_size``, lowered from the states'
@@ -315,25 +327,20 @@ class Engine:
         ``data``: None when ``clients`` and the engine's data hold every client; for a streamed
         cohort, the cohort's data [cohort, bucket, ...], with ``clients`` the cohort's states
         (in cohort order): the returned states are then the cohort's new states."""
-        m = len(cohort_ids)
-        positions = None if data is None else np.arange(m, dtype=np.int32)
         secret = () if self.noise_key is None else (self.noise_key,)  # an argument: never in a program
+        streamed = data is not None
         if not self.placement.jitted:
             ids, t = jnp.asarray(cohort_ids, jnp.int32), jnp.asarray(round_index, jnp.int32)
             secret = tuple(jnp.asarray(x) for x in secret)
-            if data is None:
-                return self.round_fn(phase)(server, clients, t, ids, self.backbone, self.data, *((None,) + secret if secret else ()))
-            clients, data = jax.tree_util.tree_map(jnp.asarray, (clients, data))  # host arrays have no .at[]
-            return self.round_fn(phase)(server, clients, t, ids, self.backbone, data, jnp.asarray(positions), *secret)
+            if streamed:
+                clients = jax.tree_util.tree_map(jnp.asarray, clients)  # host arrays have no .at[]
+            return self.round_fn(phase, streamed)(server, clients, t, ids, self.backbone,
+                                                  self.data if data is None else data, *secret)
         ids, t = self.place((np.asarray(cohort_ids, np.int32), np.asarray(round_index, np.int32)))
-        server, clients = self.place((server, clients))
-        secret = self.place(secret)
-        key, lower = self.lowering("round", phase, server, clients, m, data)
-        if data is None:
-            return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, self.data,
-                                                    *((None,) + secret if secret else ()))
-        data, positions = self.place((data, positions))
-        return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, data, positions, *secret)
+        server, secret = self.place((server, secret))
+        clients, data = (self.place_cohort((clients, data)) if streamed else (self.place(clients), self.data))
+        key, lower = self.lowering("round", phase, server, clients, len(cohort_ids), data if streamed else None)
+        return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, data, *secret)
 
     # --- evaluation ---------------------------------------------------------------------------
     def program(self, key: tuple, make_body: Callable[[], Callable]) -> Callable:
@@ -367,13 +374,30 @@ class Engine:
         return float(out["nll"]), float(out["correct"])
 
 
+def _place(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """Device arrays re-placed by ``sharding``; host arrays made into arrays placed so, each
+    process supplying its devices' slices (``Engine.place``)."""
+    def put(x):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
 def _entries(local: PyTree, keys: tuple[str, ...] | None) -> PyTree:
     """The client-state entries ``keys`` (None: the whole state)."""
     return local if keys is None else {k: local[k] for k in keys}
 
 
-def _scatter(local: PyTree, states: PyTree, ids: jax.Array) -> PyTree:
-    """Writes the cohort's new states (all, or some of the entries) back at ``ids``."""
+def _scatter(local: PyTree, states: PyTree, rows: jax.Array | slice) -> PyTree:
+    """Writes the cohort's new states (all, or some of the entries) back at ``rows`` (indices, or
+    a streamed group's static slice)."""
     if isinstance(local, dict) and isinstance(states, dict) and states.keys() != local.keys():
-        return {**local, **{k: _scatter(local[k], v, ids) for k, v in states.items()}}
-    return jax.tree_util.tree_map(lambda all_, new: all_.at[ids].set(new), local, states)
+        return {**local, **{k: _scatter(local[k], v, rows) for k, v in states.items()}}
+    if isinstance(rows, slice):
+        return jax.tree_util.tree_map(
+            lambda all_, new: new if new.shape == all_.shape else jax.lax.dynamic_update_slice_in_dim(all_, new, rows.start, 0),
+            local, states)
+    return jax.tree_util.tree_map(lambda all_, new: all_.at[rows].set(new), local, states)

@@ -40,6 +40,7 @@ class Expert:
       tune_head: whether the head is trainable (always true for 'linear').
       dtype: computation dtype of the backbone.
       scan_layers: scanned encoder blocks (``transformer.Encoder.scan``).
+      remat: blocks rematerialised in the backward pass (``transformer.Encoder.remat``).
     """
 
     spec: VisionSpec
@@ -49,6 +50,7 @@ class Expert:
     tune_head: bool = True
     dtype: Any = jnp.float32
     scan_layers: bool = True
+    remat: bool = False
 
     def __post_init__(self) -> None:
         if self.head_kind not in ("linear", "zero_shot"):
@@ -62,7 +64,7 @@ class Expert:
 
     @property
     def backbone(self) -> VisionTransformer:
-        return VisionTransformer(self.spec, self.lora, self.dtype, scan=self.scan_layers)
+        return VisionTransformer(self.spec, self.lora, self.dtype, scan=self.scan_layers, remat=self.remat)
 
     @property
     def head(self) -> LinearHead | ZeroShotHead:

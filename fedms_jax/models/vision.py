@@ -256,6 +256,7 @@ class VisionTransformer(nn.Module):
     lora: LoRASpec | None = None
     dtype: Any = jnp.float32
     scan: bool = True  # scanned encoder blocks (``transformer.Encoder.scan``)
+    remat: bool = False  # blocks rematerialised in the backward pass (``transformer.Encoder.remat``)
 
     def setup(self) -> None:
         spec, d = self.spec, self.spec.encoder.hidden_size
@@ -276,7 +277,7 @@ class VisionTransformer(nn.Module):
             self.projection = nn.Dense(spec.projection_dim, use_bias=False, dtype=self.dtype)
         elif spec.pooler:
             self.pooler = nn.Dense(d, dtype=self.dtype)
-        self.encoder = Encoder(spec.encoder, self.lora, self.dtype, scan=self.scan)
+        self.encoder = Encoder(spec.encoder, self.lora, self.dtype, scan=self.scan, remat=self.remat)
         self.final_ln = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
 
     @property

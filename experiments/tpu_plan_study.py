@@ -55,6 +55,15 @@ PLANS = {
                        *fedms(1024, 128), *model("vit_b16", REMAT)],
     "vit_b16_v6e_256": ["--topology", "v6e:16x16", "--layouts", "256x1:replicated,64x4:fsdp", "--programs", "round",
                         *fedms(1024, 256), *model("vit_b16", REMAT)],
+    # ViT-L/14 on the other two pods, 1024 clients per round.
+    "vit_l14_v4_128": ["--topology", "v4:4x4x4", "--layouts", "128x1:replicated,32x4:fsdp", "--programs", "round",
+                       *fedms(1024, 128), *model("vit_l14", REMAT)],
+    "vit_l14_v6e_256": ["--topology", "v6e:16x16", "--layouts", "256x1:replicated,64x4:fsdp", "--programs", "round",
+                        *fedms(1024, 256), *model("vit_l14", REMAT)],
+    # Every program of a two-stage ViT-B/16 run (stage 1's round included), streamed population.
+    "vit_b16_v5e_256_all": ["--topology", "v5e:16x16", "--layouts", "256x1:replicated,64x4:fsdp", "--programs", "all",
+                            *fedms(256, 256, 2560), *model("vit_b16", REMAT), "--config.rounds=4",
+                            "--config.stage1_rounds=2", "--config.population.mode=streamed"],
     # Two v5e-64 slices: the client axis over both, the model axis inside a slice.
     "vit_b16_2x_v5e_64": ["--topology", "2xv5e:8x8", "--layouts", "32x4:fsdp", "--programs", "round",
                           *fedms(1024, 128), *model("vit_b16", REMAT)],
@@ -62,13 +71,20 @@ PLANS = {
     "dinov2_s14_v5e_256_all": ["--topology", "v5e:16x16", "--layouts", "256x1:replicated,64x4:fsdp,64x4:tensor",
                                "--programs", "all", *fedms(256, 256, 2560), *model("dinov2_s14"),
                                "--config.rounds=4", "--config.stage1_rounds=2"],
-    # Per-chip bytes against the model axis: fsdp over 2, 4 and 8 chips against replicated.
+    # Per-chip bytes against the model axis: fsdp over 2, 4 and 8 chips against replicated; with a
+    # device population (its 512 clients' data and states on every chip), then streamed.
     "dinov2_s14_v5e_256_fsdp_sweep": ["--topology", "v5e:16x16", "--layouts",
                                       "256x1:replicated,128x2:fsdp,64x4:fsdp,32x8:fsdp", "--programs", "round",
                                       *fedms(256, 256), *model("dinov2_s14")],
-    # The largest cohort per round that fits, the real setting's shapes, fsdp.
+    "dinov2_s14_v5e_256_fsdp_sweep_streamed": ["--topology", "v5e:16x16", "--layouts",
+                                               "256x1:replicated,128x2:fsdp,64x4:fsdp,32x8:fsdp", "--programs",
+                                               "round", *fedms(256, 256), *model("dinov2_s14"),
+                                               "--config.population.mode=streamed"],
+    # The largest cohort per round that fits, the real setting's shapes, fsdp; a streamed population
+    # so that the population (65536 clients) does not cap the search.
     "dinov2_s14_v5e_256_largest": ["--topology", "v5e:16x16", "--layouts", "64x4:fsdp", "--programs", "round",
-                                   "--cohorts", "search", *fedms(256, 256), *model("dinov2_s14")],
+                                   "--cohorts", "search", *fedms(256, 256, 65536), *model("dinov2_s14"),
+                                   "--config.population.mode=streamed"],
 }
 
 

@@ -154,6 +154,9 @@ def atomic_file(path: str | os.PathLike, what: str, needed: int | None = None):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     _LIVE_TEMPORARIES.add(tmp)
     try:
+        # mkstemp's 0600 would make every result private to the job's user; give the file the
+        # mode open() would have (0666 less the umask) so that a cluster's group can read it.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -168,6 +171,15 @@ def atomic_file(path: str | os.PathLike, what: str, needed: int | None = None):
     finally:
         _LIVE_TEMPORARIES.discard(tmp)
     fsync_dir(path.parent)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back. Read once, at import:
+    os.umask(mask)      # the umask is process-wide, and files are written from several threads
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 _LIVE_TEMPORARIES: set[str] = set()  # ``atomic_file``'s temporary files being written now

@@ -172,6 +172,18 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
     assert _without_seconds(_lines(tmp_path / "cut")) == _without_seconds(_lines(tmp_path / "whole"))
 
 
+def test_atomically_written_files_get_the_mode_open_would_give_them(tmp_path):
+    from fedms_jax.storage import atomic_file
+
+    with open(tmp_path / "plain", "wb") as f:  # the oracle: what open() makes under this umask
+        f.write(b"x")
+    with atomic_file(tmp_path / "atomic", "a test file") as f:
+        f.write(b"x")
+    mode = os.stat(tmp_path / "atomic").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain").st_mode & 0o777
+    assert mode & 0o044, oct(mode)  # not mkstemp's owner-only 0600
+
+
 def test_a_damaged_line_before_the_last_is_named(tmp_path):
     from fedms_jax.storage import read_jsonl
 

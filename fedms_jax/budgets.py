@@ -44,7 +44,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from fedms_jax import rng as rngs
-from fedms_jax.choices import BUDGET_MODES as MODES  # sal.budget_mode
+from fedms_jax.choices import BUDGET_MODES, TIER_MODES as MODES  # sal.budget_mode
 from fedms_jax.rng import Stream
 
 
@@ -210,12 +210,15 @@ def problems(
     are skipped while those are None (``config.SALConfig`` checks the section alone)."""
     out: list[tuple[str, object, str]] = []
     budgets, shares = tuple(budgets), tuple(shares)
+    if mode not in BUDGET_MODES:
+        out.append(("sal.budget_mode", mode, f"must be one of {list(BUDGET_MODES)}"))
+        return out
     if not budgets:
         if shares:
             out.append(("sal.budget_shares", shares, "is set but sal.budgets is empty"))
         return out
     if mode not in MODES:
-        out.append(("sal.budget_mode", mode, f"must be one of {list(MODES)}"))
+        out.append(("sal.budget_mode", mode, f"with sal.budgets must be one of {list(MODES)} ('deadline' has no tiers)"))
     if any(b < 1 for b in budgets) or list(budgets) != sorted(set(budgets)):
         out.append(("sal.budgets", budgets, "must be distinct block counts >= 1 in increasing order"))
     if layers is not None and max(budgets) > layers:

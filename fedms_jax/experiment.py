@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedms_jax import compiling, perf, privacy, rng, sal, storage
+from fedms_jax import compiling, perf, privacy, rng, sal, storage, system
 from fedms_jax.algorithms import make_algorithm
 from fedms_jax.budgets import ResourceModel
 from fedms_jax.builders import build_expert, client_optimizer, lr_scale, split_frozen
@@ -25,7 +25,7 @@ from fedms_jax.data.clients import ClientData, FlatClients, bucket_sizes, stack_
 from fedms_jax.data.dataset import DataError, Dataset
 from fedms_jax.data.features import FrozenStem, stem_tokens
 from fedms_jax.data.sources import load_dataset, subsample
-from fedms_jax.federated import population
+from fedms_jax.federated import accounting, population
 from fedms_jax.federated.evaluation import personalized_metrics
 from fedms_jax.federated.placement import make_placement, replicated
 from fedms_jax.federated.protocol import Algorithm, Settings
@@ -33,7 +33,7 @@ from fedms_jax.federated.rounds import Engine, sample_cohort
 from fedms_jax.federated.server import server_optimizer
 from fedms_jax.federated.sharding import client_axes, client_devices, make_mesh
 from fedms_jax.federated.store import ClientCheckpoints, StateStore
-from fedms_jax.federated.types import ClientStates, Phase, ServerState
+from fedms_jax.federated.types import BufferedServer, ClientStates, Phase, ServerState, server_of
 from fedms_jax.rng import Stream
 
 PyTree = Any
@@ -126,6 +126,60 @@ class Experiment:
     # DP without dp.reproducible_noise: the cohorts' seed, a secret drawn from the OS (the noise's
     # key is the engine's ``noise_key``); in memory only, never printed. None: config.seed.
     cohort_seed: int | None = dataclasses.field(default=None, repr=False)
+    system: system.SystemModel | None = None  # clients as devices in simulated time (``system.*``)
+    _memo: dict = dataclasses.field(default_factory=dict, repr=False)  # the timeline, the costs per stage
+
+    @property
+    def timeline(self) -> system.Timeline | None:
+        """The rounds in simulated time (None without a system model), made on first use: it
+        measures each stage's client FLOPs (``accounting.level_costs``: two client compiles per
+        stage at most)."""
+        if self.system is None:
+            return None
+        if "timeline" not in self._memo and self.config.system.buffered:
+            sy = self.config.system
+            self._memo["timeline"] = system.BufferedTimeline(
+                self.system, self.algorithm.phase, self.level_costs, sy.concurrency or 2 * self.config.cohort_size,
+                sy.staleness, sy.max_staleness)
+        if "timeline" not in self._memo:
+            tiers = self.engine.tiers
+            self._memo["timeline"] = system.Timeline(
+                self.system, self.algorithm.phase, self.level_costs,
+                levels=None if tiers is None else lambda p: np.repeat(tiers.levels(p.num_active), tiers.counts),
+                cohort=None if self.resources is None else self.resources.cohort,
+                deadline_depth=self.engine.deadline_depth)
+        return self._memo["timeline"]
+
+    def level_costs(self, phase: Phase) -> system.Costs:
+        """What one client of ``phase``'s stage costs at each level the run trains it at
+        (``accounting.level_costs``; memoised per stage)."""
+        key = ("costs", phase.stage)
+        if key not in self._memo:
+            phases = [p for p in self.algorithm.phases(self.config.rounds) if p.stage == phase.stage]
+            levels = {p.num_active for p in phases}
+            if self.engine.tiers is not None:
+                levels |= {lv for p in phases for lv in self.engine.tiers.levels(p.num_active)}
+            if self.engine.deadline_depth:
+                levels.add(1)
+            server, clients = self.states_like()
+            self._memo[key] = accounting.level_costs(self.engine, server_of(server), clients, phase.stage, sorted(levels),
+                                                     self._memo.setdefault("flops_at", {}))
+        return self._memo[key]
+
+    def round_inputs(self, round_index: int) -> dict:
+        """What round ``round_index`` takes beside its cohort (``Engine.run_round``'s keywords):
+        each slot's ``depth`` (``system.Plan.depth``; absent without a system model: every
+        client trains its level) and for FedBuff ``buffered`` (each result's version, weight)."""
+        if self.system is None:
+            return {}
+        plan = self.timeline.plan(round_index)
+        return {"depth": plan.depth, **({"buffered": (plan.version, plan.weight)} if plan.version is not None else {})}
+
+    def _buffered(self, server):
+        """FedBuff: the server with its ring of versions (``BufferedServer``); else as it is."""
+        if not self.engine.versions:
+            return server
+        return BufferedServer.start(server, self.engine.versions)
 
     @property
     def secret_noise(self) -> bool:
@@ -142,8 +196,11 @@ class Experiment:
 
     def cohort(self, round_index: int) -> np.ndarray:
         """Round ``round_index``'s cohort ids: uniform (``rounds.sample_cohort``), or with budgets
-        tier-major from the resource model (``budgets.ResourceModel.cohort``)."""
+        tier-major from the resource model (``budgets.ResourceModel.cohort``); with a system
+        model, the plan's (``system.Timeline``: among the clients available at its start)."""
         c = self.config
+        if self.system is not None:
+            return self.timeline.plan(round_index).ids
         if self.resources is None:
             seed = c.seed if self.cohort_seed is None else self.cohort_seed
             return sample_cohort(seed, round_index, c.data.num_clients, c.cohort_size)
@@ -164,10 +221,11 @@ class Experiment:
             store = StateStore(Path(workdir) / "client_store", template, self.config.data.num_clients)
             checkpoints = ClientCheckpoints(Path(workdir) / "client_checkpoints")
             p = self.config.population
-            return self.engine.place(server), population.Streamed(
+            return self.engine.place(self._buffered(server)), population.Streamed(
                 self.engine, self.train_clients, store, checkpoints, self.sizes, self.cohort, self.config.rounds, p.prefetch)
         # One program (op by op, every small initialisation op would be a compile of its own).
-        init = jax.jit(self.algorithm.init, static_argnums=1, out_shardings=replicated(self.engine.mesh))
+        init = jax.jit(lambda k, n: (lambda s, c: (self._buffered(s), c))(*self.algorithm.init(k, n)),
+                       static_argnums=1, out_shardings=replicated(self.engine.mesh))
         return init(key, self.config.data.num_clients)
 
     def states_like(self) -> tuple[PyTree, PyTree]:
@@ -175,8 +233,9 @@ class Experiment:
         population: the server and one cohort's states)."""
         key = rng.key(self.config.seed, Stream.INIT)
         if not self.streamed:
-            return jax.eval_shape(lambda k: self.algorithm.init(k, self.config.data.num_clients), key)
-        server, clients = jax.eval_shape(lambda k: self.algorithm.init(k, 1), key)
+            return jax.eval_shape(lambda k: (lambda s, c: (self._buffered(s), c))(
+                *self.algorithm.init(k, self.config.data.num_clients)), key)
+        server, clients = jax.eval_shape(lambda k: (lambda s, c: (self._buffered(s), c))(*self.algorithm.init(k, 1)), key)
         m = self.config.cohort_size
         return server, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), clients)
 
@@ -194,14 +253,15 @@ class Experiment:
         shapes (``states_like``)."""
         out, seen = [], set()
         evaluated = self._evaluated_like(clients)
+        round_server, server = server, server_of(server)  # evaluations take the ServerState
         for t in range(start, self.config.rounds):
             phase = self.algorithm.phase(t)
             m = self.config.cohort_size
             if self.streamed:
                 data = population.cohort_data_like(self.train_clients, self.sizes, self.cohort(t))
-                wanted = [(("round", phase, data.images.shape), ("round", phase, server, clients, m, data))]
+                wanted = [(("round", phase, data.images.shape), ("round", phase, round_server, clients, m, data))]
             else:
-                wanted = [(("round", phase), ("round", phase, server, clients, m))]
+                wanted = [(("round", phase), ("round", phase, round_server, clients, m))]
             if self.evaluates(t):
                 wanted.append((("personal", phase), ("personal", phase, server, evaluated, self.client_test)))
                 if self.algorithm.has_global_model:
@@ -244,6 +304,7 @@ class Experiment:
         """Personalised (each evaluated client, own test split; ``personalized_clients`` says how
         many) and global (whole test set) metrics."""
         states = self.evaluated_states(clients)
+        server = server_of(server)
         out = personalized_metrics(self.engine.evaluate_clients(server, states, phase, self.client_test))
         out["personalized_clients"] = int(self.client_test.counts.shape[0])
         if self.algorithm.has_global_model:
@@ -365,6 +426,8 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         compile_threads=(config.compile.threads or compiling.default_threads()) if config.compile.ahead else 0,
         dp=(config.dp.clip, accountant.noise_multiplier) if accountant is not None else None,
         noise_key=None if secret is None else rng.secret_key_data(secret),
+        deadline_depth=config.sal.budget_mode == "deadline",
+        versions=config.system.max_staleness if config.system.buffered else 0,
     )
     evaluated = population.eval_ids(config.seed, config.data.num_clients, config.population.eval_sample)
     tested = test_parts if evaluated is None else [test_parts[i] for i in evaluated]
@@ -387,7 +450,19 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         engine=engine, client_test=client_test, test_images=test_images, test_labels=test_labels,
         backbone_params=backbone_params, stem=stem, resources=resources, accountant=accountant,
         mode=mode, eval_ids=evaluated, train_clients=train_clients, sizes=sizes, cohort_seed=secret,
+        system=make_system(config, secret),
     )
+
+
+def make_system(config: Config, cohort_seed: int | None = None) -> system.SystemModel | None:
+    """The system model of ``config.system`` (None when off); a file it reads that is missing or
+    malformed is a ConfigError naming the key."""
+    if not config.system.enabled:
+        return None
+    try:
+        return system.SystemModel(config.system, config.seed, config.data.num_clients, config.cohort_size, cohort_seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def shared_secret() -> int:

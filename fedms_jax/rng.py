@@ -25,6 +25,10 @@ EVAL_SAMPLE     ()                                 the clients of a sampled pers
                                                    evaluation (``population.eval_sample``, numpy)
 VALIDATION      ()                                 the clients' validation splits carved from
                                                    their training data (``data.validation``, numpy)
+SYSTEM          (0,) speeds | (1,) bandwidths |    the system model (``fedms_jax.system``, numpy):
+                (2, round) availability |          devices drawn once; per round who is
+                (3, round) selection |             available, who is selected among them and
+                (4, round) dropouts                who drops out (and when)
 ==============  =================================  =========================================
 
 Inside a client's round key (``ROUND``): ``CLIENT_BATCH`` (batches drawn with replacement),
@@ -69,6 +73,7 @@ class Stream(enum.IntEnum):
     CLIENT_EPOCH = _tag("EPOC")
     CLIENT_HOLDOUT = _tag("HOLD")
     CLIENT_DROPOUT = _tag("DROP")
+    SYSTEM = _tag("SYST")
 
 
 RECIPE = "fold_in(key(seed), stream, *path); numpy: SeedSequence([stream, len(path), seed, *path])"

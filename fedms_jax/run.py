@@ -17,7 +17,10 @@ the server releases (the aggregates, hence the models, and what is computed from
 test set alone: ``accuracy``, ``test_loss``); every metric computed from the clients' raw data
 (``loss``, the personalised metrics, ``dp_update_norm``, ``dp_clipped``, ...) is not covered,
 so under DP it is left out of ``metrics.jsonl`` and written to ``metrics_not_private.jsonl``
-only with ``dp.raw_metrics`` (``RELEASED`` lists what stays).
+only with ``dp.raw_metrics`` (``RELEASED`` lists what stays). With a system model (``system.*``,
+``fedms_jax.system``) each line also has the round in simulated time: ``sim_round_s``,
+``sim_clock_s`` and who took part (``sim_contributed``, ``sim_dropped``, ``sim_late``, ...;
+docs/systems.md); ``loss`` is then null in a round to which no client contributed.
 
 A run stops with ``Diverged`` (exit 1) when the server state is not finite after a round, or
 after ``guard.max_bad_rounds`` consecutive rounds in which every client was excluded; the
@@ -45,7 +48,7 @@ from fedms_jax.data import partition
 from fedms_jax.experiment import Experiment, build, make_run_mesh  # noqa: F401  (run.build: the public API)
 from fedms_jax.federated import accounting, population
 from fedms_jax.federated.guards import SERVER_FINITE
-from fedms_jax.federated.types import ClientStates, ServerState
+from fedms_jax.federated.types import ClientStates, ServerState, server_of
 from fedms_jax.signals import Interrupted, SignalGuard  # noqa: F401  (Interrupted: the CLI's)
 
 # What a metrics line under DP holds: what epsilon covers (the released aggregates and what is
@@ -116,7 +119,7 @@ def train_loop(exp: Experiment, server: ServerState, clients, start: int, callba
     # A round's bytes depend only on the phase (the trees' shapes; with budgets each tier's
     # level): computed once per phase.
     like = exp.states_like()[1]
-    bytes_per_phase = {p: accounting.round_bytes(engine, server, like, p, config.cohort_size)
+    bytes_per_phase = {p: accounting.round_bytes(engine, server_of(server), like, p, config.cohort_size)
                        for p in algorithm.phases(config.rounds)}
     # DP: each round that uploads something releases one noisy aggregate (what the accountant composes).
     releases = lambda t: sum(bytes_per_phase[algorithm.phase(r)][1] > 0 for r in range(t))
@@ -137,12 +140,14 @@ def train_loop(exp: Experiment, server: ServerState, clients, start: int, callba
             phase = algorithm.phase(t)
             cohort = exp.cohort(t)
             start_time = time.perf_counter()
-            server, metrics = clients.run_round(server, t, phase, cohort)
+            inputs = exp.round_inputs(t)
+            server, metrics = clients.run_round(server, t, phase, cohort, **inputs)
             metrics = {name: float(v) for name, v in metrics.items()}  # host sync ends the timing
             if not metrics.pop(SERVER_FINITE, 1.0):
                 raise Diverged(t, algorithm.name, "the server state is not finite after its update "
                                                   f"(loss {metrics.get('loss')}; lower server.lr or client.lr)")
-            bad = bad + 1 if metrics.get("excluded_clients", 0) >= len(cohort) else 0
+            taking_part = int((inputs["depth"] > 0).sum()) if "depth" in inputs else len(cohort)
+            bad = bad + 1 if taking_part and metrics.get("excluded_clients", 0) >= taking_part else 0
             if bad >= config.guard.max_bad_rounds:
                 raise Diverged(t, algorithm.name, f"every client's update was non-finite in {bad} consecutive rounds "
                                                   "(guard.max_bad_rounds)")
@@ -154,6 +159,10 @@ def train_loop(exp: Experiment, server: ServerState, clients, start: int, callba
                 "cohort": len(cohort), "bytes_up": up, "bytes_down": down,
                 "seconds": seconds, **metrics,
             }
+            if exp.system is not None:  # the round in simulated time (``system.Plan``)
+                record.update(exp.timeline.plan(t).record)
+                if not taking_part:  # nobody's update arrived: no loss to report
+                    record["loss"] = None
             if exp.accountant is not None:
                 record["dp_noise_multiplier"] = exp.accountant.noise_multiplier
                 record["dp_rounds"] = releases(t + 1)
@@ -275,4 +284,4 @@ def _run_built(exp: Experiment, workdir: Path, *, progress: bool, callbacks, beg
     if not record and start:  # nothing left to run: report the last line written
         lines = storage.read_jsonl(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
         record = lines[-1] if lines else {}
-    return RunResult(record, server, clients.final(), exp)
+    return RunResult(record, server_of(server), clients.final(), exp)

@@ -12,7 +12,7 @@ from fedms_jax.config.base import ConfigError, _check, _hints, _int, _section, _
 from fedms_jax.config.sections import (
     CheckpointConfig, ClientConfig, CompileConfig, DataConfig, DittoConfig, DPConfig, FedMSConfig, FedProxConfig,
     FedRepConfig, GuardConfig, LoRAConfig, MeshConfig, ModelConfig, MultihostConfig, PlacementConfig, PopulationConfig,
-    SALConfig, ServerConfig,
+    SALConfig, ServerConfig, SystemConfig,
 )
 
 
@@ -48,6 +48,7 @@ class Config(_Section):
     guard: GuardConfig = _section(GuardConfig)
     multihost: MultihostConfig = _section(MultihostConfig)
     population: PopulationConfig = _section(PopulationConfig)
+    system: SystemConfig = _section(SystemConfig)
 
     def _validate(self) -> None:
         self._choice("algorithm", ALGORITHMS)
@@ -73,6 +74,33 @@ class Config(_Section):
         chunk = self.placement.chunk_size
         _check(chunk == 0 or self.cohort_size % chunk == 0, "placement.chunk_size", chunk,
                f"must divide cohort_size={self.cohort_size}")
+        sy = self.system
+        if self.sal.budget_mode == "deadline":
+            _check(sy.deadline_s > 0, "sal.budget_mode", "deadline",
+                   "picks each client's SAL depth to meet system.deadline_s: set system.speed and system.deadline_s > 0")
+            _check(self.algorithm in USES_SAL, "sal.budget_mode", "deadline",
+                   f"limits the SAL level; algorithm={self.algorithm!r} trains every block (it applies to {list(USES_SAL)})")
+        if sy.buffered:
+            _check(sy.concurrency == 0 or sy.concurrency >= self.cohort_size, "system.concurrency", sy.concurrency,
+                   f"must be >= cohort_size={self.cohort_size} (the results a server step waits for), or 0")
+            _check(not self.sal.budgets and self.sal.budget_mode != "deadline", "system.aggregation", "fedbuff",
+                   "does not combine with budget tiers or sal.budget_mode='deadline' (every result trains the step's level)")
+            _check(sy.concurrency <= self.data.num_clients, "system.concurrency", sy.concurrency,
+                   f"must be <= data.num_clients={self.data.num_clients}")
+            _check((sy.concurrency or 2 * self.cohort_size) <= self.data.num_clients, "system.concurrency", sy.concurrency,
+                   f"0 means 2 x cohort_size = {2 * self.cohort_size}, more than data.num_clients={self.data.num_clients}: set it")
+        if self.sal.budgets and sy.availability != "always":
+            _check(False, "system.availability", sy.availability,
+                   "budget tiers fix each round's clients per tier, which availability cannot promise: use "
+                   "sal.budget_mode='deadline' (no tiers) or system.availability='always'")
+        if self.dp.enabled and (sy.availability != "always" or sy.dropout > 0 or sy.deadline_s > 0 or sy.over_selection > 1
+                                or sy.buffered):
+            # The accountant's amplification assumes a fixed-size uniform sample of all clients;
+            # availability, over-selection, dropouts and deadlines change who contributes in ways
+            # correlated with the clients (a slow client's data), which it does not model.
+            _check(False, "dp.clip", self.dp.clip,
+                   "DP's accounting assumes every sampled client contributes (a uniform sample of all clients): "
+                   "it does not combine with system.availability, dropout, deadline_s, over_selection or fedbuff")
         b = self.sal.budgets
         if b:  # budget-aware SAL (fedms_jax/budgets.py)
             _check(self.algorithm in USES_SAL, "sal.budgets", b,

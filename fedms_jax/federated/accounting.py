@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedms_jax.federated.client import client_update, num_steps, uses_cache
 from fedms_jax.budgets import Group
@@ -143,7 +144,7 @@ def group_flops(engine, server: ServerState, clients: ClientStates, phase: Phase
     for g in engine.groups(phase, cohort_size):
         level = Phase(phase.stage, g.level)
         ids = jnp.arange(g.size, dtype=jnp.int32)
-        body = lambda s, c, t, ids, b, d, level=level, n=g.size: engine.train_group(s, c, t, ids, b, d, level, chunk_size=n)
+        body = lambda s, c, t, ids, b, d, level=level, n=g.size: engine.train_group(s, c, t, ids, b, d, level, chunk_size=n)[:5]
         total = _flops(lambda: jax.jit(body).lower(server, clients, t, ids, engine.backbone, engine.data_spec))
         stage, down, one = _one_client(engine, server, clients, level)
         once = 0.0
@@ -153,3 +154,29 @@ def group_flops(engine, server: ServerState, clients: ClientStates, phase: Phase
             once = _flops(lambda: jax.jit(many).lower(engine.backbone, down, cohort))
         out.append((g, once + num_steps(settings, one["images"].shape[0]) * (total - once)))
     return out
+
+
+# --- the system model's costs -----------------------------------------------------------------
+def level_costs(engine, server: ServerState, clients: ClientStates, stage: int, levels: list[int],
+                flops_at: dict[Phase, float] | None = None):
+    """``system.Costs`` of one client of ``stage`` at every SAL level up to ``max(levels)``: bytes
+    each way at each level (``bytes_per_client``, from shapes) and training FLOPs measured on the
+    compiled client (``client_flops``) at the smallest and largest of ``levels`` and linear in
+    between: every block has the same shapes, so a level adds the same backward and LoRA work
+    and takes the same frozen forward away (checked against the compiled client at a middle
+    level: ``tests/test_system.py``). ``flops_at``: memo of measured levels (shared over calls)."""
+    from fedms_jax.system import Costs
+
+    flops_at = {} if flops_at is None else flops_at
+    lo, hi = min(levels), max(levels)
+    for level in {lo, hi}:
+        if Phase(stage, level) not in flops_at:
+            flops_at[Phase(stage, level)] = client_flops(engine, server, clients, Phase(stage, level))
+    f_lo, f_hi = flops_at[Phase(stage, lo)], flops_at[Phase(stage, hi)]
+    slope = 0.0 if hi == lo else (f_hi - f_lo) / (hi - lo)
+    n = hi + 1
+    flops, down, up = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)  # levels below lo: never run
+    for d in range(lo, n):
+        flops[d] = f_lo + slope * (d - lo)
+        down[d], up[d] = bytes_per_client(engine, server, clients, Phase(stage, d))
+    return Costs(flops, down, up)

@@ -63,13 +63,15 @@ def aggregate(parts: Sequence[tuple[dict, dict]], noise: tuple[jax.Array, float]
     return weighted_mean(summed, totals), totals
 
 
-def round_metrics(metrics: dict, counts: jax.Array, excluded: jax.Array, tiers=None) -> dict:
+def round_metrics(metrics: dict, counts: jax.Array, excluded: jax.Array, tiers=None,
+                  present: jax.Array | None = None) -> dict:
     """Per-client metrics {name: [m]} -> the round's: each weighted by the client's example count
-    (an excluded client weighs 0), ``excluded_clients`` (how many), and with budget tiers
-    (``budgets.Tiers``; the cohort tier-major) ``loss_b<b>`` for each tier of budget b."""
+    (an excluded client weighs 0), ``excluded_clients`` (how many of the ``present`` [m] ones the
+    guard excluded: a client that takes no part is excluded, but not counted), and with budget
+    tiers (``budgets.Tiers``; the cohort tier-major) ``loss_b<b>`` for each tier of budget b."""
     weights = counts.astype(jnp.float32) * (1.0 - excluded)
     out = {name: masked_mean(v, weights) for name, v in metrics.items()}
-    out["excluded_clients"] = excluded.sum()
+    out["excluded_clients"] = excluded.sum() if present is None else (excluded * present).sum()
     if tiers is not None:
         for b, start, n in zip(tiers.budgets, tiers.starts, tiers.counts):
             out[f"loss_b{b}"] = masked_mean(metrics["loss"][start:start + n], weights[start:start + n])

@@ -21,6 +21,10 @@ What a client's local training does, beyond the loss (all static per stage and s
   labels before the round (FedMS's label prior) and keep what it learns in the client state.
 * **segments** (``stage.segments``): consecutive parts of the round's steps that each train
   only some of the params' top-level entries (FedRep: the head, then the body).
+* **a depth** (``client['depth']``, ``sal.budget_mode = deadline``): the client trains only the
+  top ``depth`` of the block units its level makes active; the others keep their values and
+  optimizer states, and are uploaded with weight 0 (``depth_mask``). Their gradients are still
+  computed (the vmapped program is the level's): the saving is simulated time, not simulator time.
 * **persistent optimizer state** (``stage.persistent``): the optimizer state of those top-level
   entries lives in the client state (``state['opt'][entry][unit]``, one state per unit so an
   SAL level change keeps the units' moments) instead of starting fresh every round.
@@ -36,11 +40,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedms_jax import rng
+from fedms_jax import rng, sal
 from fedms_jax.rng import Stream
 from fedms_jax.federated.ops import init_opt_states, masked_mean
 from fedms_jax.federated.protocol import Batch
-from fedms_jax.federated.types import ClientOutput, Phase, join_units, split_units
+from fedms_jax.federated.types import ClientOutput, Phase, join_units, split_units, tree_where
 
 PyTree = Any
 OPT = "opt"  # the client-state entry holding persistent optimizer states
@@ -87,6 +91,16 @@ def caches_frozen(max_examples: int, steps: int, batch_size: int) -> bool:
 def uses_cache(settings, max_examples: int) -> bool:
     """Whether a client with ``max_examples`` padded examples featurizes once per round."""
     return settings.cache_frozen and caches_frozen(max_examples, num_steps(settings, max_examples), settings.batch_size)
+
+
+def depth_mask(units, depth: jax.Array | None) -> dict[str, jax.Array]:
+    """{block unit: whether a client of ``depth`` trains it} over the block units among ``units``
+    (the top ``depth`` of them by block index); {} without a depth or blocks."""
+    blocks = {u: sal.block_index(u) for u in units if sal.block_index(u) is not None}
+    if depth is None or not blocks:
+        return {}
+    top = max(blocks.values())
+    return {u: b > top - depth for u, b in blocks.items()}
 
 
 def dropout_key(key: jax.Array, i: jax.Array) -> jax.Array:
@@ -224,6 +238,7 @@ def local_train(
                 units_p, units_g = split_units(trained[e]), split_units(grads[e])
                 new_units, new_opt[e] = {}, {}
                 factor = factors.get(e)
+                trains = depth_mask(units_p, client.get("depth"))
                 for u, p in units_p.items():
                     upd, new_opt[e][u] = optimizer.update(units_g[u], opt[e][u], p)
                     if scale is not None:
@@ -231,6 +246,9 @@ def local_train(
                     if factor is not None:
                         upd = jax.tree_util.tree_map(lambda x: x * factor, upd)
                     new_units[u] = optax.apply_updates(p, upd)
+                    if u in trains:  # below the client's depth: no step at all
+                        new_units[u] = tree_where(trains[u], new_units[u], p)
+                        new_opt[e][u] = tree_where(trains[u], new_opt[e][u], opt[e][u])
                 new_p[e] = _join_one(trained[e], new_units)
             real = batch.mask.sum() > 0
             if settings.epochs:  # an all-padding batch is no step at all
@@ -283,7 +301,9 @@ def client_update(stage, phase: Phase, settings) -> Callable[[PyTree, PyTree], C
             new_state = {**new_state, OPT: {**state[OPT], **{e: {**state[OPT][e], **opt[e]} for e in stage.persistent}}}
         upload = split_units(upload)
         count = client["count"].astype(jnp.float32)
-        return ClientOutput(upload, {name: count for name in upload}, new_state, {"loss": loss, **aux})
+        trains = depth_mask(upload, client.get("depth"))  # a unit it did not train weighs 0
+        weight = {name: count * trains[name] if name in trains else count for name in upload}
+        return ClientOutput(upload, weight, new_state, {"loss": loss, **aux})
 
     return update
 

@@ -26,13 +26,16 @@ def all_finite(tree: PyTree) -> jax.Array:
 
 
 def guard(update: Callable) -> Callable:
-    """A client whose upload, new state or metrics hold NaN/Inf, or that has no examples, gets
+    """A client whose upload, new state or metrics hold NaN/Inf, that has no examples, or that
+    is not ``present`` (dropped out, late, unavailable: ``fedms_jax.system``) gets
     weight 0 in every unit and a zero upload (so it cannot poison a mean), keeps its old state,
     and is counted in the round's ``excluded_clients``."""
 
     def guarded(broadcast, client):
         out = update(broadcast, client)
         ok = (client["count"] > 0) & all_finite((out.upload, out.state, out.metrics))
+        if "present" in client:  # a client that takes no part this round (``system``): as if excluded
+            ok = ok & client["present"]
         return ClientOutput(
             upload=jax.tree_util.tree_map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), out.upload),
             weight=jax.tree_util.tree_map(lambda w: jnp.where(ok, w, 0.0), out.weight),

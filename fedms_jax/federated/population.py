@@ -27,7 +27,7 @@
   kernels, and with ``client.epochs`` and an lr schedule the number of steps.
 
 Both kinds are a **population** with one small interface, so the run loop never asks which it
-has: ``run_round(server, t, phase, ids) -> (server, metrics)``, ``finish_round()`` (after the
+has: ``run_round(server, t, phase, ids, **inputs) -> (server, metrics)``, ``finish_round()`` (after the
 metrics are read), ``read(ids)`` (states; None: all), ``orbax_state()`` (what the server's
 orbax checkpoint holds of them), ``checkpoint(step)`` (what is written beside it, before it),
 ``restore(step, restored)``, ``prune(steps)``, ``stop()``, and ``final()`` (what a finished run
@@ -116,8 +116,8 @@ class Device:
     def __init__(self, engine, states: ClientStates) -> None:
         self.engine, self.states = engine, states
 
-    def run_round(self, server, t: int, phase, ids: np.ndarray):
-        server, self.states, metrics = self.engine.run_round(server, self.states, t, phase, ids)
+    def run_round(self, server, t: int, phase, ids: np.ndarray, **inputs):
+        server, self.states, metrics = self.engine.run_round(server, self.states, t, phase, ids, **inputs)
         return server, metrics
 
     def finish_round(self) -> None:
@@ -200,12 +200,13 @@ class Streamed:
                 states = jax.tree_util.tree_map(lambda s, p: _set_rows(s, here, p[there]), states, prev_states)
         return states, data
 
-    def run_round(self, server, t: int, phase, ids: np.ndarray):
-        """Round t over the cohort ``ids`` -> (server, metrics); the cohort's new states are
-        kept until ``finish_round`` (after the caller has read the metrics)."""
+    def run_round(self, server, t: int, phase, ids: np.ndarray, **inputs):
+        """Round t over the cohort ``ids`` (``inputs``: ``Engine.run_round``'s depth, buffered) ->
+        (server, metrics); the cohort's new states are kept until ``finish_round`` (after the
+        caller has read the metrics)."""
         ids = np.asarray(ids, np.int32)
         states, data = self._inputs(t, ids)
-        server, new_states, metrics = self.engine.run_round(server, states, t, phase, ids, data)
+        server, new_states, metrics = self.engine.run_round(server, states, t, phase, ids, data, **inputs)
         if self.prefetch and t + 1 < self.rounds:  # runs while the round does
             following = np.asarray(self.cohort(t + 1), np.int32)
             self._next = (t + 1, following, self._submit(self._gather, following))

@@ -37,8 +37,11 @@ def lower_round(engine, phase: Phase, server: PyTree, clients: PyTree, cohort_si
     # DP with a secret: its key data are the last argument (a value is never compiled in).
     secret = () if engine.noise_key is None else (
         jax.ShapeDtypeStruct(engine.noise_key.shape, engine.noise_key.dtype, sharding=rep),)
+    if engine.versions:  # FedBuff: each client's server version and staleness weight
+        secret = (index((cohort_size,)), jax.ShapeDtypeStruct((cohort_size,), jnp.float32, sharding=rep)) + secret
     return engine.round_fn(phase, streamed).lower(
-        abstract(server, rep), abstract(clients, split), index(()), index((cohort_size,)), abstract(engine.backbone),
+        abstract(server, rep), abstract(clients, split), index(()), index((cohort_size,)), index((cohort_size,)),
+        abstract(engine.backbone),
         abstract(data, split) if streamed else abstract(engine.data), *secret)
 
 

@@ -1,6 +1,6 @@
 """The engine: one round program per phase, from cohort to server update.
 
-A round is ``(server state, client states, round index, cohort ids) -> (new states, metrics)``
+A round is ``(server state, client states, round index, cohort ids, depths) -> (new states, metrics)``
 (``Engine.run_round``), traced once per ``Phase`` (the only static argument) as ``_round``:
 
 1. the cohort in groups (``Engine.groups``: the whole cohort; with budget tiers, the tiers of
@@ -40,10 +40,11 @@ from fedms_jax.federated.client import client_update
 from fedms_jax.federated.guards import EXCLUDED, SERVER_FINITE, all_finite, guard, privatized
 from fedms_jax.federated.placement import Placement, clients_sharding, make_placement, replicated
 from fedms_jax.federated.protocol import Algorithm
-from fedms_jax.federated.types import ClientStates, Phase, ServerState
+from fedms_jax.federated.types import BufferedServer, ClientOutput, ClientStates, Phase, ServerState
 from fedms_jax.models.transformer import layer_params_hook
 
 PyTree = Any
+FULL_DEPTH = 1 << 20  # a depth no level reaches: the client trains its group's whole level
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
@@ -86,18 +87,30 @@ class Engine:
         the noise comes from, ``(secret, DP_NOISE, round)``; it is an argument of the round
         program, never a constant in it, so no compiled program (nor the persistent cache)
         holds it. None: the reproducible stream ``(seed, DP_NOISE, round)`` (``dp.reproducible_noise``).
+      deadline_depth: each client trains only the top ``depth`` blocks of its group's level
+        (``sal.budget_mode = deadline``; the depths an input of every round, ``run_round``).
+      versions: FedBuff (``system.aggregation = fedbuff``): the server is a ``BufferedServer``
+        keeping this many versions; every round (a server step) takes each client's version
+        and staleness weight, trains each client from its version's broadcast, scales its
+        upload by its weight, and writes the new version into the ring. 0: synchronous.
+
+    Every round takes each cohort slot's **depth** [cohort] int32 (``system.Plan.depth``): 0 for
+    a client that contributes nothing (unavailable, dropped out, late: weight 0 in every unit, its
+    state unchanged, not counted as trained); otherwise it trains (with ``deadline_depth``: the
+    top ``min(depth, level)`` blocks). Without a system model every depth is the level.
     """
 
     def __init__(
         self, algorithm, backbone: PyTree, data: ClientData, *, seed: int, placement: Placement,
         strategy: str = "replicated", eval_clients: int = 8, eval_batch: int = 256,
         tiers: Tiers | None = None, compile_threads: int = 0, dp: tuple[float, float] | None = None,
-        noise_key: np.ndarray | None = None,
+        noise_key: np.ndarray | None = None, deadline_depth: bool = False, versions: int = 0,
     ) -> None:
         self.algorithm: Algorithm = algorithm
         self.placement = placement
         self._options = dict(eval_clients=eval_clients, eval_batch=eval_batch, tiers=tiers,
-                             compile_threads=compile_threads, dp=dp, noise_key=noise_key)
+                             compile_threads=compile_threads, dp=dp, noise_key=noise_key,
+                             deadline_depth=deadline_depth, versions=versions)
         mesh = placement.mesh if placement.mesh is not None else sharding.make_mesh()
         self.mesh = mesh
         self.strategy = strategy
@@ -109,6 +122,10 @@ class Engine:
         self.eval_batch = eval_batch
         self.tiers = tiers
         self.dp = dp
+        # sal.budget_mode=deadline: each client trains the top ``depth`` blocks of its group's
+        # level (``client.local_train``), its depth an input of the round (``system.Plan.depth``)
+        self.deadline_depth = deadline_depth
+        self.versions = versions
         self.noise_key = None if noise_key is None or dp is None else np.asarray(noise_key, np.uint32)
         self.num_traces = 0  # how many round programs were traced (= compiled)
         self._programs: dict[tuple, Callable] = {}  # (kind, phase, ...) -> jitted function or client fn
@@ -210,10 +227,12 @@ class Engine:
         return rng.secret_key(noise_key, rng.Stream.DP_NOISE, round_index), z * clip
 
     def gather(self, data: ClientData, clients: ClientStates, cohort_ids: jax.Array, round_index: jax.Array,
-               state_keys: tuple[str, ...] | None = None, rows: jax.Array | slice | None = None) -> PyTree:
+               state_keys: tuple[str, ...] | None = None, rows: jax.Array | slice | None = None,
+               depth: jax.Array | None = None) -> PyTree:
         """One round's per-client inputs [cohort, ...]: id, images, labels, count, key, split_key,
         participation (rounds each has trained in before), state (the entries ``state_keys`` of
-        the client states; None: all). ``rows``: the cohort's rows in ``data`` and ``clients``
+        the client states; None: all), present (depth > 0; ``depth`` [cohort] None: all), and
+        with ``deadline_depth`` the depth itself. ``rows``: the cohort's rows in ``data`` and ``clients``
         (None: its ids, as when they hold every client; a streamed cohort's arrays hold just the
         cohort, split over the client devices, and its groups are static slices of them, so
         nothing is gathered across devices)."""
@@ -229,44 +248,71 @@ class Engine:
             "split_key": rng.split_keys(self.seed, cohort_ids),
             "participation": take(clients.participation),
             "state": jax.tree_util.tree_map(take, _entries(clients.local, state_keys)),
+            "present": jnp.ones(cohort_ids.shape, bool) if depth is None else depth > 0,
+            **({"depth": depth} if self.deadline_depth and depth is not None else {}),
         }
 
     def train_group(self, server, clients, round_index, ids, backbone, data, phase: Phase, *, chunk_size=None,
-                    rows=None):
+                    rows=None, depth=None, buffered=None):
         """One group of a round (the whole cohort, or the budget tiers of one level): the clients
-        ``ids`` (at ``rows`` of ``data`` and ``clients``; None: at their ids) trained at ``phase``
-        (the group's level) -> (summed uploads, totals, new states, metrics, example counts)."""
+        ``ids`` (at ``rows`` of ``data`` and ``clients``; None: at their ids; ``depth``: theirs,
+        None: all present) trained at ``phase`` (the group's level) -> (summed uploads, totals,
+        new states, metrics, example counts, present). ``buffered`` (FedBuff): (the clients' server
+        trainables [m, ...], staleness weights [m]): each trains from its own version's broadcast."""
         stage = self.algorithm.stage(phase)
-        cohort = self.gather(data, clients, ids, round_index, stage.state_keys, rows)
-        broadcast = (backbone, stage.broadcast(server, phase))
+        cohort = self.gather(data, clients, ids, round_index, stage.state_keys, rows, depth)
+        fn = self.client_fn(phase)
+        if buffered is None:
+            broadcast = (backbone, stage.broadcast(server, phase))
+        else:
+            trainables, weight = buffered
+            downs = jax.vmap(lambda tr: stage.broadcast(server.replace(trainable=tr), phase))(trainables)
+            cohort = {**cohort, "down": downs, "staleness_weight": weight}
+            broadcast, fn = (backbone, None), _from_own_version(fn)
         summed, totals, states, metrics = self.placement.map_reduce(
-            self.client_fn(phase), broadcast, cohort, chunk_size=chunk_size or self.group_chunk(ids.shape[0]), mean=False)
-        return summed, totals, states, metrics, cohort["count"]
+            fn, broadcast, cohort, chunk_size=chunk_size or self.group_chunk(ids.shape[0]), mean=False)
+        return summed, totals, states, metrics, cohort["count"], cohort["present"]
 
-    def _round(self, server, clients, round_index, cohort_ids, backbone, data, noise_key=None, *, phase, streamed):
+    def _round(self, server, clients, round_index, cohort_ids, depth, backbone, data, *rest, phase, streamed):
         """The round body (traced once per phase): one ``train_group`` per group of the cohort
         (``groups``: the whole cohort without budget tiers), their sums aggregated once
         (``aggregate.aggregate``: added unit by unit, DP noise, divided by each unit's total) -> one
         ``server_update`` at the round's phase, the states scattered back, the metrics weighted.
-        ``streamed``: ``clients`` and ``data`` hold just the cohort, in cohort order."""
+        ``streamed``: ``clients`` and ``data`` hold just the cohort, in cohort order. ``rest``:
+        FedBuff's (versions [cohort] int32, staleness weights [cohort]), then DP's secret key data."""
         stage = self.algorithm.stage(phase)
+        ring = None
+        if self.versions:  # FedBuff: server is a BufferedServer
+            version, weight, *rest = rest
+            ring, server = server, server.server
+        noise_key = rest[0] if rest else None
         with layer_params_hook(sharding.gather_layers(self.mesh, self.strategy)):  # fsdp: gather per layer
             if self.placement.jitted:
                 self.num_traces += 1
                 backbone = sharding.for_compute(backbone, self.mesh, self.strategy)
-            parts, local, metrics, counts = [], clients.local, [], []
+            parts, local, metrics, counts, present = [], clients.local, [], [], []
             for g in self.groups(phase, cohort_ids.shape[0]):
                 ids = cohort_ids[g.start:g.start + g.size]
                 rows = slice(g.start, g.start + g.size) if streamed else ids
-                summed, totals, states, m, n = self.train_group(server, clients, round_index, ids, backbone, data,
-                                                                Phase(phase.stage, g.level), rows=rows)
+                own = None
+                if ring is not None:
+                    rows_of = version[g.start:g.start + g.size] % self.versions
+                    own = (jax.tree_util.tree_map(lambda v: v[rows_of], ring.versions), weight[g.start:g.start + g.size])
+                summed, totals, states, m, n, p = self.train_group(server, clients, round_index, ids, backbone, data,
+                                                                   Phase(phase.stage, g.level), rows=rows,
+                                                                   depth=depth[g.start:g.start + g.size], buffered=own)
                 parts.append((summed, totals))
                 local = _scatter(local, states, rows)
                 metrics.append(m)
                 counts.append(n)
+                present.append(p)
             mean, totals = aggregate.aggregate(parts, self._noise(round_index, noise_key))
             server = stage.server_update(server, mean, totals, phase)
             finite = all_finite(server)  # the run stops on a diverged server (``run.Diverged``)
+            if ring is not None:  # step t made version t + 1
+                row = (round_index + 1) % self.versions
+                server = BufferedServer(server, jax.tree_util.tree_map(
+                    lambda vs, x: vs.at[row].set(x), ring.versions, server.trainable))
         metrics = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *metrics)
         excluded = metrics.pop(EXCLUDED)
         trained = 1 - excluded.astype(jnp.int32)
@@ -274,18 +320,18 @@ class Engine:
             participation=clients.participation + trained if streamed else clients.participation.at[cohort_ids].add(trained),
             local=local,
         )
-        out = aggregate.round_metrics(metrics, jnp.concatenate(counts), excluded, self.tiers)
+        out = aggregate.round_metrics(metrics, jnp.concatenate(counts), excluded, self.tiers, jnp.concatenate(present))
         return server, clients, {**out, SERVER_FINITE: finite.astype(jnp.float32)}
 
     def round_fn(self, phase: Phase, streamed: bool = False) -> Callable:
         """The round at ``phase``: jitted (donating the states) for ``Vmap``; for ``Sequential`` a
         Python function driving one jitted client at a time. Arguments: (server, clients, round
-        index, cohort ids, backbone, data[, DP secret]). Device population (``streamed=False``):
+        index, cohort ids, depths, backbone, data[, DP secret]). Device population (``streamed=False``):
         ``clients`` and ``data`` hold every client, replicated, the cohort at its ids; every
         output replicated. Streamed: they hold just the cohort, in cohort order, split over the
         client devices (``cohort_sharding``), and so are its new states; the rest replicated."""
-        body = lambda s, c, t, ids, b, d, noise=None: self._round(s, c, t, ids, b, d, noise, phase=phase,
-                                                                  streamed=streamed)
+        body = lambda s, c, t, ids, depth, b, d, *rest: self._round(s, c, t, ids, depth, b, d, *rest, phase=phase,
+                                                                    streamed=streamed)
         rep = replicated(self.mesh)
         out = (rep, self.cohort_sharding if streamed else rep, rep)
         jitted = lambda: jax.jit(body, donate_argnums=(0, 1), out_shardings=out)
@@ -319,28 +365,38 @@ class Engine:
 
     def run_round(
         self, server: ServerState, clients: ClientStates, round_index: int, phase: Phase, cohort_ids: np.ndarray,
-        data: ClientData | None = None,
+        data: ClientData | None = None, depth: np.ndarray | None = None,
+        buffered: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[ServerState, ClientStates, dict]:
         """One round at ``phase`` (``algorithm.phase(round_index)``) over ``cohort_ids`` (with
         budget tiers: tier-major, as ``budgets.ResourceModel.cohort`` draws it).
 
         ``data``: None when ``clients`` and the engine's data hold every client; for a streamed
         cohort, the cohort's data [cohort, bucket, ...], with ``clients`` the cohort's states
-        (in cohort order): the returned states are then the cohort's new states."""
+        (in cohort order): the returned states are then the cohort's new states.
+        ``depth`` [cohort]: each slot's depth (``system.Plan.depth``; 0: takes no part); None:
+        every client trains at its group's level. ``buffered`` (FedBuff; ``server`` a
+        ``BufferedServer``): (each client's server version [cohort], staleness weight [cohort])."""
+        if depth is None:
+            depth = np.full(len(cohort_ids), FULL_DEPTH, np.int32)
+        if bool(self.versions) != (buffered is not None):
+            raise ValueError("a FedBuff engine's rounds take (versions, weights), and only its rounds do")
+        extra = () if buffered is None else (np.asarray(buffered[0], np.int32), np.asarray(buffered[1], np.float32))
         secret = () if self.noise_key is None else (self.noise_key,)  # an argument: never in a program
         streamed = data is not None
         if not self.placement.jitted:
-            ids, t = jnp.asarray(cohort_ids, jnp.int32), jnp.asarray(round_index, jnp.int32)
-            secret = tuple(jnp.asarray(x) for x in secret)
+            ids, t, depth = (jnp.asarray(x, jnp.int32) for x in (cohort_ids, round_index, depth))
+            secret = tuple(jnp.asarray(x) for x in extra + secret)
             if streamed:
                 clients = jax.tree_util.tree_map(jnp.asarray, clients)  # host arrays have no .at[]
-            return self.round_fn(phase, streamed)(server, clients, t, ids, self.backbone,
+            return self.round_fn(phase, streamed)(server, clients, t, ids, depth, self.backbone,
                                                   self.data if data is None else data, *secret)
-        ids, t = self.place((np.asarray(cohort_ids, np.int32), np.asarray(round_index, np.int32)))
-        server, secret = self.place((server, secret))
+        ids, t, depth = self.place((np.asarray(cohort_ids, np.int32), np.asarray(round_index, np.int32),
+                                    np.asarray(depth, np.int32)))
+        server, secret = self.place((server, extra + secret))  # FedBuff's inputs, then DP's key
         clients, data = (self.place_cohort((clients, data)) if streamed else (self.place(clients), self.data))
         key, lower = self.lowering("round", phase, server, clients, len(cohort_ids), data if streamed else None)
-        return self.executables.get(key, lower)(server, clients, t, ids, self.backbone, data, *secret)
+        return self.executables.get(key, lower)(server, clients, t, ids, depth, self.backbone, data, *secret)
 
     # --- evaluation ---------------------------------------------------------------------------
     def program(self, key: tuple, make_body: Callable[[], Callable]) -> Callable:
@@ -384,6 +440,21 @@ def _place(tree: PyTree, sharding: NamedSharding) -> PyTree:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map(put, tree)
+
+
+def _from_own_version(fn: Callable) -> Callable:
+    """A client function that takes its broadcast from its own inputs (FedBuff: ``down``, from
+    the version it downloaded) and scales its upload by its ``staleness_weight``: the server's
+    mean of a unit is then sum_c n_c w_c delta_c / sum_c n_c (FedBuff's staleness-weighted
+    average, with this engine's example weights)."""
+    def run(broadcast, client):
+        client = dict(client)
+        down, w = client.pop("down"), client.pop("staleness_weight")
+        out = fn((broadcast[0], down), client)
+        return ClientOutput(jax.tree_util.tree_map(lambda u: u * w.astype(u.dtype), out.upload), out.weight,
+                            out.state, out.metrics)
+
+    return run
 
 
 def _entries(local: PyTree, keys: tuple[str, ...] | None) -> PyTree:

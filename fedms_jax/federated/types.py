@@ -46,6 +46,26 @@ class ServerState:
 
 
 @flax.struct.dataclass
+class BufferedServer:
+    """FedBuff's server (``system.aggregation = fedbuff``): the server state and the trainable
+    trees of its last S versions, which clients still training may have downloaded
+    (``versions`` leaves [S, ...]; version v in row v mod S)."""
+
+    server: ServerState
+    versions: PyTree
+
+    @classmethod
+    def start(cls, server: ServerState, keep: int) -> "BufferedServer":
+        """Version 0 (``server``) in every row."""
+        return cls(server, jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (keep,) + x.shape), server.trainable))
+
+
+def server_of(server) -> ServerState:
+    """The ``ServerState`` of a server (a ``BufferedServer``'s own)."""
+    return server.server if isinstance(server, BufferedServer) else server
+
+
+@flax.struct.dataclass
 class ClientStates:
     """Persistent per-client state, stacked: leading axis = client id.
 

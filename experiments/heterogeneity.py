@@ -1,0 +1,191 @@
+"""Accuracy against simulated time with clients that behave like devices (fedms_jax/system.py).
+
+    python experiments/heterogeneity.py --config experiments/configs/fmnist_dinov2_compare.py \
+        --config.model.pretrained=/tmp/dinov2_s --out experiments/results/heterogeneity \
+        [--algorithms fedavg_sal,fedms] [--scenarios ideal,deadline,deadline_sal,dropout] \
+        [--workdir DIR --reuse] [--config.KEY=VALUE ...]
+
+Every scenario gives the clients the same devices: lognormal compute speeds (median
+``--speed-median`` FLOP/s, log-spread ``--sigma``) and the default bandwidths. The deadline is set
+so that exactly the slowest ``--late`` share of the clients (20%) cannot train the whole model in
+time: the ``1 - late`` quantile of the clients' full-model round times (at the largest SAL level the
+run reaches, from the compiled client's FLOPs and the bytes it sends). Scenarios:
+
+  * ``ideal``: every client always available, none drops out, no deadline (a round lasts until
+    its slowest client reports);
+  * ``deadline``: the server aggregates what arrived by the deadline and drops the late;
+  * ``deadline_sal``: the same deadline with ``sal.budget_mode=deadline``: each client trains the
+    most top blocks it can finish in time;
+  * ``dropout``: 30% of the selected clients drop out during their round (no deadline);
+  * ``fedbuff``: buffered asynchronous aggregation (2 x cohort_size clients in flight, the server
+    steps on every cohort_size results, staleness weight 1/sqrt(1+s)); a "round" is a server step,
+    so the same number of rounds consumes as many client results as the synchronous runs.
+
+Written under ``--out``: ``table.md`` (final accuracy, simulated seconds to reach the target
+accuracy, participation, wasted compute, contributions by speed quintile), ``results.json`` (every
+run's metrics lines and the command), ``accuracy_vs_time.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedms_jax.config import resolve
+
+SCENARIOS: dict[str, list[str]] = {
+    "ideal": [],
+    "deadline": ["system.deadline_s={deadline}"],
+    "deadline_sal": ["system.deadline_s={deadline}", "sal.budget_mode=deadline"],
+    "dropout": ["system.dropout=0.3"],
+    "fedbuff": ["system.aggregation=fedbuff"],
+}
+
+
+def metric_of(algorithm: str) -> str:
+    """The accuracy a method is judged by: the global model's for FedAvg, personalised for FedMS."""
+    return "personalized_accuracy" if algorithm == "fedms" else "accuracy"
+
+
+def deadline_for(config_name: str, base: list[str], late: float) -> tuple[float, dict]:
+    """The deadline that the slowest ``late`` share of clients miss at the run's largest level,
+    and what it was computed from."""
+    from fedms_jax.run import build
+
+    config = resolve(config_name, base)
+    exp = build(config)
+    phases = exp.algorithm.phases(config.rounds)
+    full = max(phases, key=lambda p: p.num_active)
+    costs = exp.level_costs(full)
+    k = full.num_active
+    ids = np.arange(config.data.num_clients)
+    times = sum(exp.system.times(ids, np.full(len(ids), k), costs))
+    deadline = float(np.quantile(times, 1 - late))
+    return deadline, {"level": k, "gflop_full": costs.flops[k] / 1e9, "gflop_level1": costs.flops[1] / 1e9,
+                      "median_full_s": float(np.median(times)), "deadline_s": deadline,
+                      "late_at_full": float(np.mean(times > deadline))}
+
+
+def run_one(config_name: str, overrides: list[str], workdir: Path, reuse: bool) -> list[dict]:
+    from fedms_jax.run import run
+
+    done = workdir / "metrics.jsonl"
+    if reuse and (workdir / "finished").exists():
+        return [json.loads(x) for x in done.read_text().splitlines()]
+    shutil.rmtree(workdir, ignore_errors=True)
+    began = time.perf_counter()
+    run(resolve(config_name, overrides), workdir, progress=False)
+    (workdir / "finished").write_text(f"{time.perf_counter() - began:.1f}\n")
+    return [json.loads(x) for x in done.read_text().splitlines()]
+
+
+def time_to(lines: list[dict], metric: str, target: float) -> float | None:
+    """Simulated seconds at the end of the first evaluated round reaching ``target``."""
+    for r in lines:
+        if r.get(metric) is not None and r[metric] >= target:
+            return r["sim_clock_s"]
+    return None
+
+
+def summary(lines: list[dict], metric: str) -> dict:
+    selected = sum(r["sim_selected"] for r in lines)
+    contributed = sum(r["sim_contributed"] for r in lines)
+    by_speed = np.sum([r["sim_contributed_by_speed"] for r in lines], axis=0)
+    useful, wasted = sum(r["sim_useful_gflop"] for r in lines), sum(r["sim_wasted_gflop"] for r in lines)
+    return {
+        "final": lines[-1][metric], "sim_total_s": lines[-1]["sim_clock_s"],
+        "contributed_share": contributed / selected, "wasted_share": wasted / max(useful + wasted, 1e-12),
+        "mean_depth": float(np.mean([r["sim_mean_depth"] for r in lines if r["sim_contributed"]])),
+        "contributed_by_speed": by_speed.tolist(),
+    }
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algorithms = sorted({a for a, _ in results})
+    fig, axes = plt.subplots(1, len(algorithms), figsize=(6 * len(algorithms), 4), squeeze=False)
+    for ax, algorithm in zip(axes[0], algorithms):
+        metric = metric_of(algorithm)
+        for (a, scenario), lines in results.items():
+            if a != algorithm:
+                continue
+            points = [(r["sim_clock_s"], r[metric]) for r in lines if r.get(metric) is not None]
+            ax.plot(*zip(*points), marker="o", label=scenario)
+        ax.set_xlabel("simulated seconds")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(algorithm)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_time.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="embedded")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedms_heterogeneity"))
+    parser.add_argument("--algorithms", default="fedavg_sal,fedms")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--speed-median", type=float, default=1e10)
+    parser.add_argument("--sigma", type=float, default=0.3)
+    parser.add_argument("--late", type=float, default=0.2)
+    parser.add_argument("--target", type=float, default=0.95, help="time-to-accuracy target, a share of ideal's final")
+    parser.add_argument("--reuse", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    extra = [a[len("--config."):] for a in rest if a.startswith("--config.")]
+    if len(extra) != len(rest):
+        parser.error(f"unknown arguments {[a for a in rest if not a.startswith('--config.')]}")
+    devices = ["system.speed=lognormal", f"system.speed_median={args.speed_median}", f"system.speed_sigma={args.sigma}"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, deadlines, rows = {}, {}, []
+    for algorithm in args.algorithms.split(","):
+        base = extra + devices + [f"algorithm={algorithm}"]
+        deadline, info = deadline_for(args.config, base, args.late)
+        deadlines[algorithm] = info
+        print(f"{algorithm}: deadline {deadline:.2f} s ({info})", flush=True)
+        for scenario in args.scenarios.split(","):
+            overrides = base + [o.format(deadline=deadline) for o in SCENARIOS[scenario]]
+            lines = run_one(args.config, overrides, args.workdir / f"{algorithm}_{scenario}", args.reuse)
+            results[(algorithm, scenario)] = lines
+            print(f"  {scenario}: {summary(lines, metric_of(algorithm))}", flush=True)
+    for (algorithm, scenario), lines in results.items():
+        metric = metric_of(algorithm)
+        ideal = results.get((algorithm, "ideal"))
+        target = args.target * ideal[-1][metric] if ideal else None
+        s = summary(lines, metric)
+        s["time_to_target_s"] = time_to(lines, metric, target) if target is not None else None
+        rows.append({"algorithm": algorithm, "scenario": scenario, "metric": metric, "target": target, **s})
+    command = "python experiments/heterogeneity.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    fmt = lambda x, f="{:.3f}": "-" if x is None else f.format(x)
+    table = [f"Command: `{command}`", "",
+             "| algorithm | scenario | final accuracy | target | sim. s to target | sim. s total | contributed | "
+             "mean depth | wasted compute | contributions by speed quintile (slowest first) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['algorithm']} | {r['scenario']} | {fmt(r['final'])} ({r['metric']}) | {fmt(r['target'])} | "
+                     f"{fmt(r['time_to_target_s'], '{:.1f}')} | {r['sim_total_s']:.1f} | {r['contributed_share']:.1%} | "
+                     f"{r['mean_depth']:.2f} | {r['wasted_share']:.1%} | {r['contributed_by_speed']} |")
+    table += ["", "Deadlines: " + "; ".join(
+        f"{a}: {i['deadline_s']:.2f} s (level {i['level']}: {i['gflop_full']:.1f} GFLOP, level 1: {i['gflop_level1']:.1f} "
+        f"GFLOP; median full-model time {i['median_full_s']:.2f} s; {i['late_at_full']:.0%} of clients miss it at full depth)"
+        for a, i in deadlines.items())]
+    (args.out / "table.md").write_text("\n".join(table) + "\n")
+    (args.out / "results.json").write_text(json.dumps(
+        {"command": command, "deadlines": deadlines, "rows": rows,
+         "runs": {f"{a}/{s}": lines for (a, s), lines in results.items()}}, indent=1))
+    plot(results, args.out)
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         server, clients = engine.place(host_states)
         cohort = sample_cohort(config.seed, 0, config.data.num_clients, config.cohort_size)
-        compiled = engine.round_fn(phase).lower(
-            server, clients, jnp.int32(0), jnp.asarray(cohort), engine.backbone, engine.data).compile()
+        compiled = engine.lower_round(phase, server, clients, len(cohort)).compile()
         server, clients, _ = jax.block_until_ready(engine.run_round(server, clients, 0, phase, cohort))  # compiles
         runs.append({"layout": layout, "engine": engine, "states": (server, clients), "times": [],
                      "mem": compiled.memory_analysis(), "coll": collectives(compiled.as_text())})

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedms_jax import compiling, perf, privacy, rng, sal, storage, system
+from fedms_jax import compiling, perf, privacy, rng, sal, storage
 from fedms_jax.algorithms import make_algorithm
 from fedms_jax.budgets import ResourceModel
 from fedms_jax.builders import build_expert, client_optimizer, lr_scale, split_frozen
@@ -25,7 +25,7 @@ from fedms_jax.data.clients import ClientData, FlatClients, bucket_sizes, stack_
 from fedms_jax.data.dataset import DataError, Dataset
 from fedms_jax.data.features import FrozenStem, stem_tokens
 from fedms_jax.data.sources import load_dataset, subsample
-from fedms_jax.federated import accounting, population
+from fedms_jax.federated import population
 from fedms_jax.federated.evaluation import personalized_metrics
 from fedms_jax.federated.placement import make_placement, replicated
 from fedms_jax.federated.protocol import Algorithm, Settings
@@ -33,8 +33,10 @@ from fedms_jax.federated.rounds import Engine, sample_cohort
 from fedms_jax.federated.server import server_optimizer
 from fedms_jax.federated.sharding import client_axes, client_devices, make_mesh
 from fedms_jax.federated.store import ClientCheckpoints, StateStore
-from fedms_jax.federated.types import BufferedServer, ClientStates, Phase, ServerState, server_of
+from fedms_jax.federated.types import ClientStates, Phase, ServerState, server_of
 from fedms_jax.rng import Stream
+from fedms_jax.simulated import SimulatedTime, make_system
+from fedms_jax.system import SystemModel
 
 PyTree = Any
 
@@ -84,7 +86,7 @@ def make_run_mesh(config: Config):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Experiment:
+class Experiment(SimulatedTime):
     """Everything a run needs, built once from a validated config (no compilation happens).
 
     train/test: the (subsampled) datasets (uint8 images); parts/test_parts: each client's
@@ -126,60 +128,8 @@ class Experiment:
     # DP without dp.reproducible_noise: the cohorts' seed, a secret drawn from the OS (the noise's
     # key is the engine's ``noise_key``); in memory only, never printed. None: config.seed.
     cohort_seed: int | None = dataclasses.field(default=None, repr=False)
-    system: system.SystemModel | None = None  # clients as devices in simulated time (``system.*``)
+    system: SystemModel | None = None  # clients as devices in simulated time (``system.*``)
     _memo: dict = dataclasses.field(default_factory=dict, repr=False)  # the timeline, the costs per stage
-
-    @property
-    def timeline(self) -> system.Timeline | None:
-        """The rounds in simulated time (None without a system model), made on first use: it
-        measures each stage's client FLOPs (``accounting.level_costs``: two client compiles per
-        stage at most)."""
-        if self.system is None:
-            return None
-        if "timeline" not in self._memo and self.config.system.buffered:
-            sy = self.config.system
-            self._memo["timeline"] = system.BufferedTimeline(
-                self.system, self.algorithm.phase, self.level_costs, sy.concurrency or 2 * self.config.cohort_size,
-                sy.staleness, sy.max_staleness)
-        if "timeline" not in self._memo:
-            tiers = self.engine.tiers
-            self._memo["timeline"] = system.Timeline(
-                self.system, self.algorithm.phase, self.level_costs,
-                levels=None if tiers is None else lambda p: np.repeat(tiers.levels(p.num_active), tiers.counts),
-                cohort=None if self.resources is None else self.resources.cohort,
-                deadline_depth=self.engine.deadline_depth)
-        return self._memo["timeline"]
-
-    def level_costs(self, phase: Phase) -> system.Costs:
-        """What one client of ``phase``'s stage costs at each level the run trains it at
-        (``accounting.level_costs``; memoised per stage)."""
-        key = ("costs", phase.stage)
-        if key not in self._memo:
-            phases = [p for p in self.algorithm.phases(self.config.rounds) if p.stage == phase.stage]
-            levels = {p.num_active for p in phases}
-            if self.engine.tiers is not None:
-                levels |= {lv for p in phases for lv in self.engine.tiers.levels(p.num_active)}
-            if self.engine.deadline_depth:
-                levels.add(1)
-            server, clients = self.states_like()
-            self._memo[key] = accounting.level_costs(self.engine, server_of(server), clients, phase.stage, sorted(levels),
-                                                     self._memo.setdefault("flops_at", {}))
-        return self._memo[key]
-
-    def round_inputs(self, round_index: int) -> dict:
-        """What round ``round_index`` takes beside its cohort (``Engine.run_round``'s keywords):
-        each slot's ``depth`` (``system.Plan.depth``; absent without a system model: every
-        client trains its level) and for FedBuff ``buffered`` (each result's version, weight)."""
-        if self.system is None:
-            return {}
-        plan = self.timeline.plan(round_index)
-        return {"depth": plan.depth, **({"buffered": (plan.version, plan.weight)} if plan.version is not None else {})}
-
-    def _buffered(self, server):
-        """FedBuff: the server with its ring of versions (``BufferedServer``); else as it is."""
-        if not self.engine.versions:
-            return server
-        return BufferedServer.start(server, self.engine.versions)
 
     @property
     def secret_noise(self) -> bool:
@@ -452,17 +402,6 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
         mode=mode, eval_ids=evaluated, train_clients=train_clients, sizes=sizes, cohort_seed=secret,
         system=make_system(config, secret),
     )
-
-
-def make_system(config: Config, cohort_seed: int | None = None) -> system.SystemModel | None:
-    """The system model of ``config.system`` (None when off); a file it reads that is missing or
-    malformed is a ConfigError naming the key."""
-    if not config.system.enabled:
-        return None
-    try:
-        return system.SystemModel(config.system, config.seed, config.data.num_clients, config.cohort_size, cohort_seed)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def shared_secret() -> int:

@@ -111,7 +111,7 @@ def test_config_parses_and_checks_budgets():
         _config("sal.budgets=1,2", "sal.budget_shares=0.5,0.6")
     with _raises("config.sal.budget_shares = (0.5, 0.5): is set but sal.budgets is empty"):
         _config("sal.budget_shares=0.5,0.5")
-    with _raises("config.sal.budget_mode = 'sometimes': must be one of ['static', 'dynamic']"):
+    with _raises("config.sal.budget_mode = 'sometimes': must be one of ['static', 'dynamic', 'deadline']"):
         _config("sal.budget_mode=sometimes")
     with _raises("gives the tiers (0, 0, 8) of the cohort_size=8 clients per round: every tier needs at least one"):
         _config("sal.budgets=1,2,4", "sal.budget_shares=0.02,0.02,0.96")

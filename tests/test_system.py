@@ -13,7 +13,7 @@ import pytest
 from fed_helpers import flat, tiny_config
 from fedms_jax import system
 from fedms_jax.config import ConfigError
-from fedms_jax.config.sections import SystemConfig
+from fedms_jax.config import SystemConfig
 
 NAN = float("nan")
 

@@ -108,8 +108,7 @@ def main() -> None:
             out = engine.run_round(w.server, w.clients, 99, phase, cohort)
             jax.block_until_ready(out)
         server, clients = out[0], out[1]
-        hlo = engine.round_fn(phase).lower(server, clients, jnp.int32(0), jnp.asarray(cohort), engine.backbone,
-                                           engine.data).compile().as_text()
+        hlo = engine.lower_round(phase, server, clients, len(cohort)).compile().as_text()
         for ms, kind, op in per_op(trace_dir, hlo, a.top):
             print(f"{ms:9.1f} ms  {kind[:26]:26s} {op[-100:]}")
 

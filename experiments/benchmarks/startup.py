@@ -57,7 +57,7 @@ def vitb32(model: list[str], dtype: str, clients: int, steps: int, batch: int, k
     """Build, per-k lower + compile, first round and s/round of FedAvg + SAL on the given shape."""
     from fedms_jax.config import apply_overrides, load_config, validate
     from fedms_jax.data.sources import load_synthetic
-    from fedms_jax.federated.rounds import sample_cohort
+    from fedms_jax.federated.rounds import FULL_DEPTH, sample_cohort
     from fedms_jax.federated.types import Phase
     from fedms_jax.run import build
 
@@ -78,18 +78,19 @@ def vitb32(model: list[str], dtype: str, clients: int, steps: int, batch: int, k
     engine = exp.engine
     cohort = sample_cohort(config.seed, 0, clients, clients)
     ids, t = jnp.asarray(cohort, jnp.int32), jnp.asarray(0, jnp.int32)
+    depth = jnp.full(len(cohort), FULL_DEPTH, jnp.int32)  # every client trains the whole level
     per_k = []
     for n, k in enumerate(ks):
         phase = Phase(1, k)
         s = time.perf_counter()
-        lowered = engine.round_fn(phase).lower(server, clients_state, t, ids, engine.backbone, engine.data)
+        lowered = engine.lower_round(phase, server, clients_state, len(cohort))
         lower_s = time.perf_counter() - s
         s = time.perf_counter()
         compiled = lowered.compile()
         compile_s = time.perf_counter() - s
         row = {"k": k, "lower_s": lower_s, "compile_s": compile_s}
         if n == 0:  # the first round (its program compiled just above, as a run compiles it)
-            server, clients_state, metrics = compiled(server, clients_state, t, ids, engine.backbone, engine.data)
+            server, clients_state, metrics = compiled(server, clients_state, t, ids, depth, engine.backbone, engine.data)
             float(metrics["loss"])
             row["first_round_s"] = time.perf_counter() - s - compile_s
             row["build_to_first_round_s"] = time.perf_counter() - t0
@@ -97,7 +98,7 @@ def vitb32(model: list[str], dtype: str, clients: int, steps: int, batch: int, k
             for r in range(1, rounds):
                 s = time.perf_counter()
                 tr = jnp.asarray(r, jnp.int32)
-                server, clients_state, metrics = compiled(server, clients_state, tr, ids, engine.backbone, engine.data)
+                server, clients_state, metrics = compiled(server, clients_state, tr, ids, depth, engine.backbone, engine.data)
                 float(metrics["loss"])
                 times.append(time.perf_counter() - s)
             if times:

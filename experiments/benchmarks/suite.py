@@ -156,7 +156,7 @@ def memory_point(s: Sizes, cohort: int, extra: list[str]) -> dict:
     phase = Phase(1, s.layers)
     rss_built = _rss_now()
     ids = jnp.arange(cohort, dtype=jnp.int32)
-    compiled = engine.round_fn(phase).lower(w.server, w.clients, jnp.int32(0), ids, engine.backbone, engine.data).compile()
+    compiled = engine.lower_round(phase, w.server, w.clients, cohort).compile()
     mem = compiled.memory_analysis()
     timed_rounds(w, phase, 0)  # compiles and runs once
     # The process's own peak (ru_maxrss) is set by XLA compiling, not by running; so RSS is

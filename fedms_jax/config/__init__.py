@@ -1,6 +1,6 @@
 """Run configuration: the typed schema (defaults, docs, every check) and loading it.
 
-* ``schema``/``sections``: one frozen dataclass per section (``ModelConfig``, ``ClientConfig``,
+* ``schema``/``sections``/``system``: one frozen dataclass per section (``ModelConfig``, ``ClientConfig``,
   ...) under ``Config``, one line of doc per field; each section checks its own fields in
   ``__post_init__``, ``Config`` the ones that span sections, so a ``Config`` that exists is valid;
 * ``fedms_jax.choices``: the choices of the string-valued options (the modules that implement
@@ -22,3 +22,4 @@ from fedms_jax.config.sections import (
     FedRepConfig, GuardConfig, LoRAConfig, MeshConfig, ModelConfig, MultihostConfig, PlacementConfig,
     PopulationConfig, SALConfig, ServerConfig,
 )
+from fedms_jax.config.system import SystemConfig

@@ -12,8 +12,9 @@ from fedms_jax.config.base import ConfigError, _check, _hints, _int, _section, _
 from fedms_jax.config.sections import (
     CheckpointConfig, ClientConfig, CompileConfig, DataConfig, DittoConfig, DPConfig, FedMSConfig, FedProxConfig,
     FedRepConfig, GuardConfig, LoRAConfig, MeshConfig, ModelConfig, MultihostConfig, PlacementConfig, PopulationConfig,
-    SALConfig, ServerConfig, SystemConfig,
+    SALConfig, ServerConfig,
 )
+from fedms_jax.config.system import SystemConfig
 
 
 @dataclasses.dataclass(frozen=True)

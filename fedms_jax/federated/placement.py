@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedms_jax.choices import BACKENDS as BACKEND_CHOICES
@@ -224,3 +225,15 @@ def make_placement(backend: str, mesh: Mesh | None, chunk_size: int | None = Non
     if backend not in BACKENDS:
         raise ValueError(f"placement.backend must be one of {list(BACKEND_CHOICES)}, got {backend!r}")
     return BACKENDS[backend](mesh, chunk_size, strategy)
+
+
+def put_tree(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """Device arrays re-placed by ``sharding``; host arrays made into arrays placed so, each
+    process supplying its devices' slices (``Engine.place``, ``Engine.place_cohort``)."""
+    def put(x):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, tree)

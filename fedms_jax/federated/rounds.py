@@ -36,11 +36,12 @@ from fedms_jax.budgets import Group, Tiers, uniform_cohort
 from fedms_jax.compiling import Programs, shapes
 from fedms_jax.data.clients import ClientData
 from fedms_jax.federated import aggregate, programs, sharding
+from fedms_jax.federated import buffered as buffered_round
 from fedms_jax.federated.client import client_update
 from fedms_jax.federated.guards import EXCLUDED, SERVER_FINITE, all_finite, guard, privatized
-from fedms_jax.federated.placement import Placement, clients_sharding, make_placement, replicated
+from fedms_jax.federated.placement import Placement, clients_sharding, make_placement, put_tree, replicated
 from fedms_jax.federated.protocol import Algorithm
-from fedms_jax.federated.types import BufferedServer, ClientOutput, ClientStates, Phase, ServerState
+from fedms_jax.federated.types import ClientStates, Phase, ServerState
 from fedms_jax.models.transformer import layer_params_hook
 
 PyTree = Any
@@ -165,7 +166,7 @@ class Engine:
         Arrays already placed so are returned as they are. Host (numpy) arrays are taken as the
         same on every process, as the run's are by construction (device_put would check that
         with a collective on every call in a multi-process job)."""
-        return _place(tree, replicated(self.mesh))
+        return put_tree(tree, replicated(self.mesh))
 
     @property
     def data_spec(self) -> PyTree:
@@ -265,10 +266,7 @@ class Engine:
         if buffered is None:
             broadcast = (backbone, stage.broadcast(server, phase))
         else:
-            trainables, weight = buffered
-            downs = jax.vmap(lambda tr: stage.broadcast(server.replace(trainable=tr), phase))(trainables)
-            cohort = {**cohort, "down": downs, "staleness_weight": weight}
-            broadcast, fn = (backbone, None), _from_own_version(fn)
+            broadcast, cohort, fn = buffered_round.own_versions(stage, server, phase, backbone, cohort, fn, *buffered)
         summed, totals, states, metrics = self.placement.map_reduce(
             fn, broadcast, cohort, chunk_size=chunk_size or self.group_chunk(ids.shape[0]), mean=False)
         return summed, totals, states, metrics, cohort["count"], cohort["present"]
@@ -296,8 +294,7 @@ class Engine:
                 rows = slice(g.start, g.start + g.size) if streamed else ids
                 own = None
                 if ring is not None:
-                    rows_of = version[g.start:g.start + g.size] % self.versions
-                    own = (jax.tree_util.tree_map(lambda v: v[rows_of], ring.versions), weight[g.start:g.start + g.size])
+                    own = (ring.trainables_of(version[g.start:g.start + g.size]), weight[g.start:g.start + g.size])
                 summed, totals, states, m, n, p = self.train_group(server, clients, round_index, ids, backbone, data,
                                                                    Phase(phase.stage, g.level), rows=rows,
                                                                    depth=depth[g.start:g.start + g.size], buffered=own)
@@ -309,10 +306,8 @@ class Engine:
             mean, totals = aggregate.aggregate(parts, self._noise(round_index, noise_key))
             server = stage.server_update(server, mean, totals, phase)
             finite = all_finite(server)  # the run stops on a diverged server (``run.Diverged``)
-            if ring is not None:  # step t made version t + 1
-                row = (round_index + 1) % self.versions
-                server = BufferedServer(server, jax.tree_util.tree_map(
-                    lambda vs, x: vs.at[row].set(x), ring.versions, server.trainable))
+            if ring is not None:
+                server = ring.stepped(server, round_index)
         metrics = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *metrics)
         excluded = metrics.pop(EXCLUDED)
         trained = 1 - excluded.astype(jnp.int32)
@@ -348,7 +343,7 @@ class Engine:
     def place_cohort(self, tree: PyTree) -> PyTree:
         """A streamed cohort's host (or device) arrays, split over the client devices
         (``cohort_sharding``); like ``place``, host arrays are taken as the same on every process."""
-        return _place(tree, self.cohort_sharding)
+        return put_tree(tree, self.cohort_sharding)
 
     def lower_round(self, phase: Phase, server: PyTree, clients: PyTree, cohort_size: int, data: PyTree = None):
         """The round program at ``phase`` for a cohort of ``cohort_size``, lowered from the states'
@@ -428,33 +423,6 @@ class Engine:
             raise TypeError(f"algorithm {self.algorithm.name!r} has no global model")
         out = programs.call(self, "global", phase, server, images, labels)
         return float(out["nll"]), float(out["correct"])
-
-
-def _place(tree: PyTree, sharding: NamedSharding) -> PyTree:
-    """Device arrays re-placed by ``sharding``; host arrays made into arrays placed so, each
-    process supplying its devices' slices (``Engine.place``)."""
-    def put(x):
-        if isinstance(x, jax.Array):
-            return jax.device_put(x, sharding)
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree_util.tree_map(put, tree)
-
-
-def _from_own_version(fn: Callable) -> Callable:
-    """A client function that takes its broadcast from its own inputs (FedBuff: ``down``, from
-    the version it downloaded) and scales its upload by its ``staleness_weight``: the server's
-    mean of a unit is then sum_c n_c w_c delta_c / sum_c n_c (FedBuff's staleness-weighted
-    average, with this engine's example weights)."""
-    def run(broadcast, client):
-        client = dict(client)
-        down, w = client.pop("down"), client.pop("staleness_weight")
-        out = fn((broadcast[0], down), client)
-        return ClientOutput(jax.tree_util.tree_map(lambda u: u * w.astype(u.dtype), out.upload), out.weight,
-                            out.state, out.metrics)
-
-    return run
 
 
 def _entries(local: PyTree, keys: tuple[str, ...] | None) -> PyTree:

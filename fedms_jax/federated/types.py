@@ -59,6 +59,22 @@ class BufferedServer:
         """Version 0 (``server``) in every row."""
         return cls(server, jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (keep,) + x.shape), server.trainable))
 
+    @property
+    def keep(self) -> int:
+        return jax.tree_util.tree_leaves(self.versions)[0].shape[0]
+
+    def trainables_of(self, version: jax.Array) -> PyTree:
+        """The trainable trees of server versions ``version`` [m] int32 -> leaves [m, ...]."""
+        rows = version % self.keep
+        return jax.tree_util.tree_map(lambda v: v[rows], self.versions)
+
+    def stepped(self, server: ServerState, round_index: jax.Array) -> "BufferedServer":
+        """After server step ``round_index`` made version ``round_index + 1`` (``server``): it,
+        with that version written over the oldest row."""
+        row = (round_index + 1) % self.keep
+        return BufferedServer(server, jax.tree_util.tree_map(lambda vs, x: vs.at[row].set(x), self.versions,
+                                                             server.trainable))
+
 
 def server_of(server) -> ServerState:
     """The ``ServerState`` of a server (a ``BufferedServer``'s own)."""

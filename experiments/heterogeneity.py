@@ -18,8 +18,12 @@ run reaches, from the compiled client's FLOPs and the bytes it sends). Scenarios
     most top blocks it can finish in time;
   * ``dropout``: 30% of the selected clients drop out during their round (no deadline);
   * ``fedbuff``: buffered asynchronous aggregation (2 x cohort_size clients in flight, the server
-    steps on every cohort_size results, staleness weight 1/sqrt(1+s)); a "round" is a server step,
-    so the same number of rounds consumes as many client results as the synchronous runs.
+    steps on every cohort_size results, staleness weight 1/sqrt(1+s)); a "round" is a server step
+    of as many client results as a synchronous round. A step takes less simulated time than a
+    round (it waits for the fastest cohort_size of the clients in flight, not for the slowest of a
+    cohort), so FedBuff runs ``--fedbuff-scale`` (2.5) times the rounds (stage 1 likewise) to
+    cover about the simulated time of the synchronous runs; the table compares the simulated
+    seconds each needs to reach the target.
 
 Written under ``--out``: ``table.md`` (final accuracy, simulated seconds to reach the target
 accuracy, participation, wasted compute, contributions by speed quintile), ``results.json`` (every
@@ -44,7 +48,7 @@ SCENARIOS: dict[str, list[str]] = {
     "deadline": ["system.deadline_s={deadline}"],
     "deadline_sal": ["system.deadline_s={deadline}", "sal.budget_mode=deadline"],
     "dropout": ["system.dropout=0.3"],
-    "fedbuff": ["system.aggregation=fedbuff"],
+    "fedbuff": ["system.aggregation=fedbuff", "rounds={fedbuff_rounds}", "stage1_rounds={fedbuff_stage1}"],
 }
 
 
@@ -94,15 +98,27 @@ def time_to(lines: list[dict], metric: str, target: float) -> float | None:
 
 
 def summary(lines: list[dict], metric: str) -> dict:
-    selected = sum(r["sim_selected"] for r in lines)
-    contributed = sum(r["sim_contributed"] for r in lines)
+    """A run's final accuracy, simulated clock, participation and wasted compute. Synchronous
+    rounds: each round's selected, contributed and compute; FedBuff steps: the running totals of
+    the last step (results used, dropped, discarded as too stale; the clients still in flight at
+    the end are in neither)."""
     by_speed = np.sum([r["sim_contributed_by_speed"] for r in lines], axis=0)
-    useful, wasted = sum(r["sim_useful_gflop"] for r in lines), sum(r["sim_wasted_gflop"] for r in lines)
+    contributed = sum(r["sim_contributed"] for r in lines)
+    if "sim_selected" in lines[0]:
+        selected = sum(r["sim_selected"] for r in lines)
+        useful, wasted = sum(r["sim_useful_gflop"] for r in lines), sum(r["sim_wasted_gflop"] for r in lines)
+        depth = float(np.mean([r["sim_mean_depth"] for r in lines if r["sim_contributed"]]))
+        staleness = None
+    else:
+        last = lines[-1]
+        selected = contributed + last["sim_dropped_total"] + last["sim_stale_total"]
+        useful, wasted = last["sim_useful_gflop_total"], last["sim_wasted_gflop_total"]
+        depth = None  # every result trains its step's whole level
+        staleness = float(np.mean([r["sim_mean_staleness"] for r in lines]))
     return {
         "final": lines[-1][metric], "sim_total_s": lines[-1]["sim_clock_s"],
         "contributed_share": contributed / selected, "wasted_share": wasted / max(useful + wasted, 1e-12),
-        "mean_depth": float(np.mean([r["sim_mean_depth"] for r in lines if r["sim_contributed"]])),
-        "contributed_by_speed": by_speed.tolist(),
+        "mean_depth": depth, "mean_staleness": staleness, "contributed_by_speed": by_speed.tolist(),
     }
 
 
@@ -140,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sigma", type=float, default=0.3)
     parser.add_argument("--late", type=float, default=0.2)
     parser.add_argument("--target", type=float, default=0.95, help="time-to-accuracy target, a share of ideal's final")
+    parser.add_argument("--fedbuff-scale", type=float, default=2.5, help="FedBuff's server steps per synchronous round")
     parser.add_argument("--reuse", action="store_true")
     args, rest = parser.parse_known_args(argv)
     extra = [a[len("--config."):] for a in rest if a.startswith("--config.")]
@@ -153,8 +170,11 @@ def main(argv: list[str] | None = None) -> None:
         deadline, info = deadline_for(args.config, base, args.late)
         deadlines[algorithm] = info
         print(f"{algorithm}: deadline {deadline:.2f} s ({info})", flush=True)
+        config = resolve(args.config, base)
+        fill = {"deadline": deadline, "fedbuff_rounds": round(args.fedbuff_scale * config.rounds),
+                "fedbuff_stage1": round(args.fedbuff_scale * config.stage1_rounds)}
         for scenario in args.scenarios.split(","):
-            overrides = base + [o.format(deadline=deadline) for o in SCENARIOS[scenario]]
+            overrides = base + [o.format(**fill) for o in SCENARIOS[scenario]]
             lines = run_one(args.config, overrides, args.workdir / f"{algorithm}_{scenario}", args.reuse)
             results[(algorithm, scenario)] = lines
             print(f"  {scenario}: {summary(lines, metric_of(algorithm))}", flush=True)
@@ -169,12 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     fmt = lambda x, f="{:.3f}": "-" if x is None else f.format(x)
     table = [f"Command: `{command}`", "",
              "| algorithm | scenario | final accuracy | target | sim. s to target | sim. s total | contributed | "
-             "mean depth | wasted compute | contributions by speed quintile (slowest first) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "mean depth | mean staleness | wasted compute | contributions by speed quintile (slowest first) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['algorithm']} | {r['scenario']} | {fmt(r['final'])} ({r['metric']}) | {fmt(r['target'])} | "
                      f"{fmt(r['time_to_target_s'], '{:.1f}')} | {r['sim_total_s']:.1f} | {r['contributed_share']:.1%} | "
-                     f"{r['mean_depth']:.2f} | {r['wasted_share']:.1%} | {r['contributed_by_speed']} |")
+                     f"{fmt(r['mean_depth'], '{:.2f}')} | {fmt(r['mean_staleness'], '{:.2f}')} | {r['wasted_share']:.1%} | {r['contributed_by_speed']} |")
     table += ["", "Deadlines: " + "; ".join(
         f"{a}: {i['deadline_s']:.2f} s (level {i['level']}: {i['gflop_full']:.1f} GFLOP, level 1: {i['gflop_level1']:.1f} "
         f"GFLOP; median full-model time {i['median_full_s']:.2f} s; {i['late_at_full']:.0%} of clients miss it at full depth)"

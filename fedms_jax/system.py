@@ -204,7 +204,7 @@ class SystemModel:
         alive = present & ~drops
         deadline = c.deadline_s if c.deadline_s > 0 else np.inf
         finish = np.where(alive, total, np.inf)
-        arrived = np.sort(finish[finish <= deadline])
+        arrived = np.sort(finish[alive & (finish <= deadline)])  # a dropout never arrives, deadline or not
         if len(arrived) >= self.goal:
             end = float(arrived[self.goal - 1])
         elif np.isfinite(deadline) and present.any():

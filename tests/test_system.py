@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from fed_helpers import flat, tiny_config
-from fedms_jax import system
-from fedms_jax.config import ConfigError
-from fedms_jax.config import SystemConfig
+from fedms_jax import rng, system
+from fedms_jax.config import ConfigError, SystemConfig
 
 NAN = float("nan")
 
@@ -78,6 +77,18 @@ def test_deadline_and_over_selection_by_hand():
     plan = m.plan(0, 0.0, 1, costs)
     np.testing.assert_array_equal(plan.depth, [0, 0, 1, 1])
     assert plan.duration == 2.0 and plan.record["sim_wasted_gflop"] == pytest.approx(2.0 + 4.0)
+    # Dropouts without a deadline: the server waits for everyone still training and notices each
+    # dropout when it leaves (at a uniform point of its round, from the stream (seed, SYSTEM, 4, t)).
+    m = _model(4, 4, dropout=0.5)
+    m.speed = np.array([1e9, 2e9, 4e9, 8e9])
+    r = rng.numpy(0, rng.Stream.SYSTEM, 4, 3)
+    plan = m.plan(3, 0.0, 1, costs)
+    finish = np.array([8.0, 4.0, 2.0, 1.0])
+    drops, left = r.random(4) < 0.5, r.random(4) * finish
+    assert 0 < drops.sum() < 4, "the hand case should have both kinds"
+    np.testing.assert_array_equal(plan.depth, np.where(drops, 0, 1))
+    assert plan.duration == pytest.approx(max(finish[~drops].max(), left[drops].max()))
+    assert plan.record["sim_wasted_gflop"] == pytest.approx(np.sum(left[drops] * m.speed[drops]) / 1e9)
 
 
 def test_deadline_depth_is_the_largest_level_that_fits():
@@ -392,3 +403,74 @@ def test_fedbuff_resumes_mid_run_bitwise(tmp_path):
     assert lines(tmp_path / "cut") == lines(tmp_path / "whole")
     assert lines(tmp_path / "whole")[-1]["sim_mean_staleness"] >= 0
     np.testing.assert_array_equal(flat((resumed.server, resumed.clients)), flat((whole.server, whole.clients)))
+
+
+@pytest.mark.parametrize("overrides", [
+    FEDBUFF,
+    ("system.speed=lognormal", "system.speed_median=3e6", "system.deadline_s=2.0", "sal.budget_mode=deadline",
+     "system.dropout=0.2", "data.num_clients=8", "cohort_size=4"),
+], ids=["fedbuff", "deadline_sal"])
+def test_a_streamed_population_in_simulated_time_equals_device_mode(tmp_path, overrides):
+    """The same FedMS run in simulated time with every client on the device and streamed from the
+    host (one bucket: the device mode's padded size): the same timeline, states and metrics,
+    bitwise. FedBuff's stage 2 is bitwise equal at XLA's default optimisation level but differs by
+    an ulp in the gate adapter at -O0 (the suite's level: conftest.py), where the two programs'
+    different fusions round differently: there the states agree to float32 rounding."""
+    from fedms_jax.federated import population
+    from fedms_jax.run import run
+
+    results = {}
+    for mode in ("device", "streamed"):
+        config = tiny_config(*overrides, "algorithm=fedms", "rounds=4", "stage1_rounds=2", "eval_every=4",
+                             "population.buckets=1", f"population.mode={mode}")
+        results[mode] = run(config, tmp_path / mode, progress=False)
+    dev, st = results["device"], results["streamed"]
+    assert st.experiment.mode == "streamed" and st.experiment.engine.data is None
+    assert isinstance(st.clients, population.Streamed)
+    lines = {m: [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+                 for x in (tmp_path / m / "metrics.jsonl").read_text().splitlines()] for m in results}
+    sim = {m: [{k: v for k, v in r.items() if k.startswith("sim_")} for r in lines[m]] for m in lines}
+    assert sim["device"] == sim["streamed"]  # the timeline is the host's: exactly the same
+    assert any(r.get("sim_dropped", r.get("sim_dropped_total", 0)) for r in sim["device"])
+    states = lambda r, c: flat((r.server, c))
+    a, b = states(dev, dev.clients), states(st, st.clients.read(np.arange(8)))
+    if "system.aggregation=fedbuff" in overrides:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        for x, y in zip(lines["device"], lines["streamed"]):
+            assert x.keys() == y.keys()
+            np.testing.assert_allclose([v for v in x.values() if isinstance(v, float)],
+                                       [v for v in y.values() if isinstance(v, float)], rtol=1e-5)
+    else:
+        np.testing.assert_array_equal(a, b)
+        assert lines["device"] == lines["streamed"]
+
+
+def test_heterogeneity_script_writes_table_and_plot(tmp_path):
+    """experiments/heterogeneity.py end to end on the tiny setting: the deadline is the quantile
+    the slowest 20% miss at full depth, the ideal clients all contribute, FedBuff's rows come from
+    its running totals."""
+    import importlib.util
+    from pathlib import Path
+
+    from fed_helpers import TINY
+
+    path = Path(__file__).parents[1] / "experiments" / "heterogeneity.py"
+    spec = importlib.util.spec_from_file_location("heterogeneity", path)
+    het = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(het)
+    het.main(["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "runs"), "--algorithms", "fedavg_sal",
+              "--scenarios", "ideal,deadline_sal,fedbuff", "--speed-median", "3e6", "--sigma", "1.0", "--fedbuff-scale", "2",
+              *[f"--config.{o}" for o in TINY], "--config.rounds=3", "--config.eval_every=1",
+              "--config.data.num_clients=20"])
+    out = json.loads((tmp_path / "out" / "results.json").read_text())
+    info = out["deadlines"]["fedavg_sal"]
+    assert info["late_at_full"] == pytest.approx(0.2, abs=0.05)
+    rows = {r["scenario"]: r for r in out["rows"]}
+    assert rows["ideal"]["contributed_share"] == 1.0 and rows["ideal"]["wasted_share"] == 0.0
+    assert rows["deadline_sal"]["mean_depth"] <= rows["ideal"]["mean_depth"]
+    assert rows["fedbuff"]["mean_staleness"] >= 0 and rows["fedbuff"]["mean_depth"] is None
+    fedbuff = out["runs"]["fedavg_sal/fedbuff"]
+    assert rows["fedbuff"]["sim_total_s"] == fedbuff[-1]["sim_clock_s"] and len(fedbuff) == 6  # 2 x the rounds
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert all(f"| fedavg_sal | {s} |" in md for s in rows)
+    assert (tmp_path / "out" / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"

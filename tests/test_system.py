@@ -474,3 +474,19 @@ def test_heterogeneity_script_writes_table_and_plot(tmp_path):
     md = (tmp_path / "out" / "table.md").read_text()
     assert all(f"| fedavg_sal | {s} |" in md for s in rows)
     assert (tmp_path / "out" / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dp_with_device_speeds_samples_and_accounts_as_without():
+    """DP-FedAvg combines with speeds and bandwidths (which do not change who is sampled): the
+    cohorts are the uniform ones the accountant assumes, every selected client contributes, and
+    the epsilon is the one without a system model."""
+    from fedms_jax.run import build
+
+    dp = ("rounds=5", "dp.clip=1.0", "dp.noise_multiplier=1.0", "dp.reproducible_noise=true")
+    plain = build(tiny_config(*dp))
+    timed = build(tiny_config(*dp, "system.speed=lognormal", "system.speed_sigma=1.0", "system.bandwidth_sigma=0.5"))
+    for t in range(5):
+        plan = timed.timeline.plan(t)
+        np.testing.assert_array_equal(plan.ids, plain.cohort(t))
+        assert (plan.depth > 0).all() and plan.record["sim_round_s"] > 0
+    assert timed.accountant.epsilon(5) == plain.accountant.epsilon(5)

@@ -469,6 +469,7 @@ def test_heterogeneity_script_writes_table_and_plot(tmp_path):
     assert rows["ideal"]["contributed_share"] == 1.0 and rows["ideal"]["wasted_share"] == 0.0
     assert rows["deadline_sal"]["mean_depth"] <= rows["ideal"]["mean_depth"]
     assert rows["fedbuff"]["mean_staleness"] >= 0 and rows["fedbuff"]["mean_depth"] is None
+    assert rows["ideal"]["time_to_ideal_final_s"] <= rows["ideal"]["sim_total_s"]  # it ends there at the latest
     fedbuff = out["runs"]["fedavg_sal/fedbuff"]
     assert rows["fedbuff"]["sim_total_s"] == fedbuff[-1]["sim_clock_s"] and len(fedbuff) == 6  # 2 x the rounds
     md = (tmp_path / "out" / "table.md").read_text()

@@ -76,7 +76,9 @@ def deadline_for(config_name: str, base: list[str], late: float) -> tuple[float,
             best = (stage, k, times, costs)
     stage, k, times, costs = best
     deadline = float(np.quantile(times, 1 - late))
-    return deadline, {"stage": stage, "level": k, "gflop_full": costs.flops[k] / 1e9, "gflop_level1": costs.flops[1] / 1e9,
+    return deadline, {"stage": stage, "level": k, "gflop_full": float(costs.flops[k]) / 1e9,
+                      # level 1's FLOPs when the run trains it (the probes measure the levels a run uses)
+                      "gflop_level1": float(costs.flops[1]) / 1e9 if np.isfinite(costs.flops[1]) else None,
                       "median_full_s": float(np.median(times)), "deadline_s": deadline,
                       "late_at_full": float(np.mean(times > deadline))}
 
@@ -203,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"{fmt(r['time_to_target_s'], '{:.1f}')} | {fmt(r['time_to_ideal_final_s'], '{:.1f}')} | {r['sim_total_s']:.1f} | {r['contributed_share']:.1%} | "
                      f"{fmt(r['mean_depth'], '{:.2f}')} | {fmt(r['mean_staleness'], '{:.2f}')} | {r['wasted_share']:.1%} | {r['contributed_by_speed']} |")
     table += ["", "Deadlines: " + "; ".join(
-        f"{a}: {i['deadline_s']:.2f} s (stage {i['stage']}, level {i['level']}: {i['gflop_full']:.1f} GFLOP, level 1: {i['gflop_level1']:.1f} "
-        f"GFLOP; median full-model time {i['median_full_s']:.2f} s; {i['late_at_full']:.0%} of clients miss it at full depth)"
+        f"{a}: {i['deadline_s']:.2f} s (stage {i['stage']}, level {i['level']}: {i['gflop_full']:.1f} GFLOP"
+        + ("" if i['gflop_level1'] is None else f", level 1: {i['gflop_level1']:.1f} GFLOP")
+        + f"; median full-model time {i['median_full_s']:.2f} s; {i['late_at_full']:.0%} of clients miss it at full depth)"
         for a, i in deadlines.items())]
     (args.out / "table.md").write_text("\n".join(table) + "\n")
     (args.out / "results.json").write_text(json.dumps(

@@ -28,7 +28,9 @@ VALIDATION      ()                                 the clients' validation split
 SYSTEM          (0,) speeds | (1,) bandwidths |    the system model (``fedms_jax.system``, numpy):
                 (2, round) availability |          devices drawn once; per round who is
                 (3, round) selection |             available, who is selected among them and
-                (4, round) dropouts                who drops out (and when)
+                (4, round) dropouts |              who drops out (and when); FedBuff: per
+                (6, start) FedBuff selection |     client start j, who starts and whether
+                (7, start) FedBuff dropouts        (and when) it drops out
 ==============  =================================  =========================================
 
 Inside a client's round key (``ROUND``): ``CLIENT_BATCH`` (batches drawn with replacement),

@@ -147,7 +147,8 @@ def train_loop(exp: Experiment, server: ServerState, clients, start: int, callba
                 raise Diverged(t, algorithm.name, "the server state is not finite after its update "
                                                   f"(loss {metrics.get('loss')}; lower server.lr or client.lr)")
             taking_part = int((inputs["depth"] > 0).sum()) if "depth" in inputs else len(cohort)
-            bad = bad + 1 if taking_part and metrics.get("excluded_clients", 0) >= taking_part else 0
+            if taking_part:  # a round nobody took part in says nothing about divergence
+                bad = bad + 1 if metrics.get("excluded_clients", 0) >= taking_part else 0
             if bad >= config.guard.max_bad_rounds:
                 raise Diverged(t, algorithm.name, f"every client's update was non-finite in {bad} consecutive rounds "
                                                   "(guard.max_bad_rounds)")

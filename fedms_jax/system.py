@@ -207,20 +207,22 @@ class SystemModel:
         arrived = np.sort(finish[alive & (finish <= deadline)])  # a dropout never arrives, deadline or not
         if len(arrived) >= self.goal:
             end = float(arrived[self.goal - 1])
-        elif np.isfinite(deadline) and present.any():
-            end = float(deadline)
-        elif present.any():  # no deadline: the server waits for everyone who did not drop out (and notices the dropouts)
-            end = float(max(np.max(finish[alive], initial=0.0), np.max(np.where(drops, drop_at, 0.0), initial=0.0)))
+        elif present.any():  # the goal is out of reach: the server waits for the deadline, or until it has
+            # heard from every selected client (a report, or noticing that it dropped out), if that is sooner
+            heard = max(np.max(finish[alive], initial=0.0), np.max(np.where(drops, drop_at, 0.0), initial=0.0))
+            end = float(min(deadline, heard))
         else:  # nobody to wait for: the server waits until someone can be selected
             end = self.wait(clock)
-        contributes = alive & (finish <= end)
-        if len(arrived) > self.goal:  # ties at the goal's time: the first reports in cohort order
-            contributes &= np.cumsum(contributes) <= self.goal
+        # The first `goal` reports in arrival order (ties at the goal's time: in cohort order).
+        rank = np.empty(m, np.int64)
+        rank[np.argsort(finish, kind="stable")] = np.arange(m)
+        contributes = alive & (finish <= end) & (rank < self.goal)
+        drops &= drop_at <= end  # one that would leave after the round closed is late, like the other unfinished
         stopped = np.where(drops, drop_at, end)  # when each non-contributing client's work ended
         computed = np.clip((stopped - t_down) * self.speed[ids], 0.0, costs.flops[depth])
         useful = float(np.sum(np.where(contributes, costs.flops[depth], 0.0)))
         wasted = float(np.sum(np.where(present & ~contributes, computed, 0.0)))
-        late = alive & ~contributes
+        late = present & ~drops & ~contributes
         record = {
             "sim_round_s": end,
             "sim_clock_s": clock + end,
@@ -300,7 +302,8 @@ class BufferedTimeline:
     result staler than ``max_staleness - 1`` is discarded (its compute wasted: the device keeps
     only the last ``max_staleness`` versions). When a client finishes, drops out or is
     discarded, another starts at once (an available client that has no result pending,
-    uniformly; when none is available, the server waits for one).
+    uniformly; when none is available, the server waits for one); the slot of the result that
+    fills the buffer is refilled just after the step, so its client downloads the new version.
 
     Step t's plan: the buffered clients in arrival order (``ids``), their versions, weights and
     depth (the level of the step's phase), the simulated time the step happened (``record``).
@@ -325,28 +328,33 @@ class BufferedTimeline:
         self._start(0.0)
 
     def _start(self, now: float) -> None:
-        """Fills the free slots at ``now``."""
+        """Fills the free slots at ``now``, each from the current server version. A slot stays
+        empty while every available client is busy (the next event refills it); when nobody is
+        available, or nothing is in flight to wait for, the simulation retries after ``wait``."""
         import heapq
 
         m = self.model
         while self._inflight < self.concurrency:
             j = self._starts
-            free = m.available(j, now) & ~self._busy
+            available = m.available(j, now)
+            free = available & ~self._busy
             if not free.any():
-                if not self._waiting:
+                if not self._waiting and (self._inflight == 0 or not available.any()):
                     self._waiting = True
-                    heapq.heappush(self._events, (now + m.wait(now), self._next_seq(), "retry", -1, -1, 0, now))
+                    heapq.heappush(self._events, (now + m.wait(now), self._next_seq(), "retry", -1, -1, 0, now, 0.0, 0.0))
                 return
             self._starts += 1
             c = int(rngs.numpy(m.cohort_seed, Stream.SYSTEM, 6, j).choice(np.flatnonzero(free)))
-            level = self.phase(len(self._plans)).num_active
-            costs = self.costs(self.phase(len(self._plans)))
-            total = float(sum(x[0] for x in m.times(np.array([c]), np.array([level]), costs)))
+            phase = self.phase(len(self._plans))
+            level, costs = phase.num_active, self.costs(phase)
+            t_down, t_comp, t_up = (float(x[0]) for x in m.times(np.array([c]), np.array([level]), costs))
+            total = t_down + t_comp + t_up
             r = rngs.numpy(m.cohort_seed, Stream.SYSTEM, 7, j)
             drops, at = r.random() < m.config.dropout, r.random() * total
             version = len(self._plans)
+            # what the client computes is fixed at its start (its stage's costs at its level)
             heapq.heappush(self._events, (now + (at if drops else total), self._next_seq(), "drop" if drops else "done",
-                                          c, version, level, now))
+                                          c, version, level, now, float(costs.flops[level]), t_down))
             self._busy[c] = True
             self._inflight += 1
 
@@ -354,18 +362,18 @@ class BufferedTimeline:
         self._seq += 1
         return self._seq
 
-    def _computed(self, c: int, level: int, start: float, end: float) -> float:
-        """FLOPs client c had computed at ``end`` of a round at ``level`` begun at ``start``."""
-        costs = self.costs(self.phase(len(self._plans)))
-        down = costs.down[level] / self.model.down[c]
-        return float(np.clip((end - start - down) * self.model.speed[c], 0.0, costs.flops[level]))
+    def _computed(self, c: int, start: float, end: float, flops: float, t_down: float) -> float:
+        """FLOPs client c had computed at ``end`` of a round of ``flops`` begun at ``start``
+        (downloading for ``t_down`` seconds first)."""
+        return float(np.clip((end - start - t_down) * self.model.speed[c], 0.0, flops))
 
     def _step(self) -> Plan:
         import heapq
 
         m, k = self.model, self.model.cohort_size
+        self._start(self._clock)  # the slots of the last step's results, from the version it made
         while len(self._buffer) < k:
-            now, _, kind, c, version, level, start = heapq.heappop(self._events)
+            now, _, kind, c, version, level, start, flops, t_down = heapq.heappop(self._events)
             if kind == "retry":
                 self._waiting = False
                 self._start(now)
@@ -374,16 +382,17 @@ class BufferedTimeline:
             step = len(self._plans)
             if kind == "drop":
                 self._dropped += 1
-                self._wasted += self._computed(c, level, start, now)
+                self._wasted += self._computed(c, start, now, flops, t_down)
                 self._busy[c] = False
             elif step - version >= self.max_staleness:
                 self._stale += 1
-                self._wasted += self._computed(c, level, start, now)
+                self._wasted += self._computed(c, start, now, flops, t_down)
                 self._busy[c] = False
             else:
                 self._buffer.append((c, version, level))
-                self._useful += self.costs(self.phase(step)).flops[level]
-            self._start(now)
+                self._useful += flops
+            if len(self._buffer) < k:  # the k-th result's slot is refilled after the step, from its version
+                self._start(now)
         step = len(self._plans)
         ids = np.array([b[0] for b in self._buffer], np.int32)
         version = np.array([b[1] for b in self._buffer], np.int64)

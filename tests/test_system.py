@@ -91,6 +91,60 @@ def test_deadline_and_over_selection_by_hand():
     assert plan.record["sim_wasted_gflop"] == pytest.approx(np.sum(left[drops] * m.speed[drops]) / 1e9)
 
 
+def test_ties_at_the_goal_keep_the_first_reports_and_a_round_ends_once_everyone_is_heard():
+    # Goal 4 of 6: three clients finish at 1 s and three at 2 s; the 4th report is at 2 s, where
+    # the first of the tied (in cohort order) counts; the three at 1 s all do.
+    m = _model(6, 6, over_selection=1.5)
+    m.speed = np.array([1e9, 2e9, 1e9, 2e9, 1e9, 2e9])
+    plan = m.plan(0, 0.0, 1, _costs([2e9]))
+    np.testing.assert_array_equal(plan.depth, [1, 1, 0, 1, 0, 1])
+    assert plan.duration == 2.0 and plan.record["sim_late"] == 2
+    # A deadline far away and a dropout: the round ends when the last report or dropout is heard.
+    m = _model(4, 4, deadline_s=100.0, dropout=0.5)
+    m.speed = np.array([1e9, 2e9, 4e9, 8e9])
+    r = rng.numpy(0, rng.Stream.SYSTEM, 4, 3)
+    finish = np.array([8.0, 4.0, 2.0, 1.0])
+    drops, left = r.random(4) < 0.5, r.random(4) * finish
+    plan = m.plan(3, 0.0, 1, _costs([8e9]))
+    assert 0 < drops.sum() < 4, "the hand case should have both kinds"
+    assert plan.duration == pytest.approx(max(finish[~drops].max(), left[drops].max()))
+    assert plan.duration < 100.0 and plan.record["sim_late"] == 0
+
+
+def test_fedbuff_of_one_client_at_a_time_is_sequential():
+    """concurrency = cohort_size = 1: each step's client starts when the last step is made, from
+    the version it made (staleness 0), and the step lasts that client's round."""
+    from fedms_jax.federated.types import Phase
+
+    m = _model(6, 1, seed=4, speed_median=1e9, speed_sigma=1.0, aggregation="fedbuff", concurrency=1)
+    costs = _costs([1e9, 3e9], down=[1e8, 1e8], up=[1e5, 1e5])
+    tl = system.BufferedTimeline(m, lambda t: Phase(1, 1 if t < 3 else 2), lambda p: costs, 1, "sqrt", 4)
+    for t in range(8):
+        plan = tl.plan(t)
+        c, level = plan.ids[0], 1 if t < 3 else 2
+        np.testing.assert_array_equal(plan.version, [t])
+        np.testing.assert_allclose(plan.weight, [1.0])
+        assert plan.duration == pytest.approx(1e8 / m.down[c] + costs.flops[level] / m.speed[c] + 1e5 / m.up[c])
+        assert plan.record["sim_in_flight"] == 0
+
+
+def test_fedbuff_counts_each_result_at_the_costs_it_started_with():
+    """A client started in stage 1 at level 1 and consumed in stage 2 (whose costs have no level 1)
+    is counted at its start's FLOPs."""
+    from fedms_jax.federated.types import Phase
+
+    m = _model(12, 2, seed=5, speed_median=1e9, speed_sigma=1.0, aggregation="fedbuff", concurrency=4)
+    stage1, stage2 = _costs([1e9]), system.Costs(np.array([NAN, NAN, 5e9]), np.zeros(3), np.zeros(3))
+    phase = lambda t: Phase(1, 1) if t < 3 else Phase(2, 2)
+    tl = system.BufferedTimeline(m, phase, lambda p: stage1 if p.stage == 1 else stage2, 4, "sqrt", 8)
+    useful = 0.0
+    for t in range(8):
+        plan = tl.plan(t)
+        useful += sum(1e9 if v < 3 else 5e9 for v in plan.version)
+        assert plan.record["sim_useful_gflop_total"] == pytest.approx(useful / 1e9)
+    assert any(v < 3 for v in tl.plan(3).version)  # a stage-1 result consumed in stage 2
+
+
 def test_deadline_depth_is_the_largest_level_that_fits():
     m = _model(200, 200, seed=1, speed_median=1e9, speed_sigma=1.0, bandwidth_sigma=0.5, deadline_s=6.0)
     L = 6
@@ -336,8 +390,8 @@ def _sequential_fedbuff(exp, steps: int):
             busy.discard(event["client"])
         else:
             buffer.append(event)
-        start(now)
         if len(buffer) < k:
+            start(now)
             continue
         t, phase = len(log), exp.algorithm.phase(len(log))
         stage = exp.algorithm.stage(phase)
@@ -360,6 +414,7 @@ def _sequential_fedbuff(exp, steps: int):
         versions[t + 1] = server
         busy.difference_update(e["client"] for e in buffer)
         buffer = []
+        start(now)  # the slot of the result that filled the buffer, from the new version
     return server, log
 
 

@@ -27,8 +27,8 @@ class SystemConfig(_Section):
     bandwidth_sigma: float = 0.0  # lognormal spread of both bandwidths (0: every client the median)
     # always | bernoulli: available in a round with probability available_p, independently | trace:
     # on/off windows in simulated seconds from trace_file (CSV rows client,start_s,end_s; client c
-    # follows trace client c mod the number of traced clients; windows repeat every trace_period_s
-    # when that is > 0)
+    # follows the (c mod n)-th of the n traced client ids in increasing order; windows repeat
+    # every trace_period_s when that is > 0)
     availability: str = "always"
     available_p: float = 1.0
     trace_file: str = ""

@@ -17,9 +17,10 @@ with ``flops(d)`` and the bytes those of the compiled client program at level d
 2. each selected client drops out with probability ``dropout``, at a uniform fraction of its
    round (its work so far is wasted);
 3. the server waits for ``ceil(cohort_size / over_selection)`` reports, or until the deadline
-   ``deadline_s`` after T, whichever comes first (without a deadline: for every client that did
-   not drop out); a client that reports by then contributes, the others' compute until the
-   round closed is counted as wasted;
+   ``deadline_s`` after T, or until it has heard from every selected client (a report, or a
+   dropout noticed), whichever comes first; the first reports up to that number contribute (in
+   arrival order), the others' compute until the round closed is counted as wasted (a client
+   that would drop out after the close is late);
 4. with ``sal.budget_mode = deadline`` each selected client trains the top
    ``d_c = max{d <= k : time_c(d) <= deadline_s}`` blocks (1 when none fits: it will be late),
    so a slow client sends a smaller update instead of none; each block is averaged over the

@@ -174,21 +174,18 @@ class Experiment(SimulatedTime):
             return self.engine.place(self._buffered(server)), population.Streamed(
                 self.engine, self.train_clients, store, checkpoints, self.sizes, self.cohort, self.config.rounds, p.prefetch)
         # One program (op by op, every small initialisation op would be a compile of its own).
-        init = jax.jit(self._init, static_argnums=1, out_shardings=replicated(self.engine.mesh))
+        init = jax.jit(lambda k, n: (lambda s, c: (self._buffered(s), c))(*self.algorithm.init(k, n)),
+                       static_argnums=1, out_shardings=replicated(self.engine.mesh))
         return init(key, self.config.data.num_clients)
-
-    def _init(self, key: jax.Array, num_clients: int) -> tuple[PyTree, ClientStates]:
-        """``algorithm.init``, the server as the rounds take it (``_buffered``)."""
-        server, clients = self.algorithm.init(key, num_clients)
-        return self._buffered(server), clients
 
     def states_like(self) -> tuple[PyTree, PyTree]:
         """The shapes of (server, clients) as ``init_states`` makes them (for a streamed
         population: the server and one cohort's states)."""
         key = rng.key(self.config.seed, Stream.INIT)
         if not self.streamed:
-            return jax.eval_shape(lambda k: self._init(k, self.config.data.num_clients), key)
-        server, clients = jax.eval_shape(lambda k: self._init(k, 1), key)
+            return jax.eval_shape(lambda k: (lambda s, c: (self._buffered(s), c))(
+                *self.algorithm.init(k, self.config.data.num_clients)), key)
+        server, clients = jax.eval_shape(lambda k: (lambda s, c: (self._buffered(s), c))(*self.algorithm.init(k, 1)), key)
         m = self.config.cohort_size
         return server, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), clients)
 
@@ -370,7 +367,7 @@ def build(config: Config, *, mesh=None, datasets: tuple[Dataset, Dataset] | None
                               f"{jax.process_count()}): use population.mode=device (or auto)")
         mode = "device"
     else:
-        mode = population.resolve_mode(config, algorithm, parts, test_parts, train_inputs, mesh)
+        mode = population_mode(config, algorithm, parts, test_parts, train_inputs, mesh)
     streamed = mode == "streamed"
     engine = Engine(
         algorithm, built.backbone, None if streamed else stack_clients(train, parts, train_inputs), seed=config.seed,
@@ -416,6 +413,25 @@ def shared_secret() -> int:
 
     mine = secrets.randbits(63) if jax.process_index() == 0 else 0
     return distributed.all_gather_ints("dp/secret", mine)[0]
+
+
+def population_mode(config: Config, algorithm: Algorithm, parts: list[np.ndarray], test_parts: list[np.ndarray],
+                    inputs: np.ndarray, mesh) -> str:
+    """``population.mode`` resolved (``federated.population.choose_mode``), from the bytes the
+    device mode would hold: every client's training and test data padded to the largest
+    client's, and every client's persistent state."""
+    n = config.data.num_clients
+    row = int(np.prod(inputs.shape[1:])) * inputs.dtype.itemsize + 4  # an example and its label
+    data = n * (max(map(len, parts)) + max(map(len, test_parts), default=0)) * row
+    _, one = jax.eval_shape(lambda k: algorithm.init(k, 1), rng.key(config.seed, Stream.INIT))
+    state = n * sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(one))
+    memory = population.device_memory_bytes(mesh.devices.flat[0])
+    mode = population.choose_mode(config.population.mode, n, data + state, memory)
+    if mode == "device" and data + state > memory:
+        raise ConfigError(f"config.population.mode = {config.population.mode!r}: {n} clients' padded data and states "
+                          f"need {storage.human(data + state)} on each device, which has {storage.human(memory)}: "
+                          "use population.mode=streamed (or auto)")
+    return mode
 
 
 def make_accountant(config: Config, resources: ResourceModel | None, log: Callable[[str], None] | None = None):

@@ -45,8 +45,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from fedms_jax import rng, storage
-from fedms_jax.config import ConfigError
+from fedms_jax import rng
 from fedms_jax.data.clients import ClientData, FlatClients, bucket_of
 from fedms_jax.federated.store import ClientCheckpoints, StateStore
 from fedms_jax.federated.types import ClientStates
@@ -77,26 +76,6 @@ def choose_mode(mode: str, num_clients: int, device_bytes: int, memory: int) -> 
     if mode != "auto":
         return mode
     return "streamed" if num_clients > AUTO_MAX_CLIENTS or device_bytes > AUTO_MEMORY_SHARE * memory else "device"
-
-
-def resolve_mode(config, algorithm, parts: list[np.ndarray], test_parts: list[np.ndarray], inputs: np.ndarray,
-                 mesh) -> str:
-    """``config.population.mode`` resolved (``choose_mode``) from the bytes the device mode would
-    hold: every client's training and test data padded to the largest client's, and every
-    client's persistent state (``algorithm.init``); ``device`` when that does not fit ``mesh``'s
-    first device is a ConfigError."""
-    n = config.data.num_clients
-    row = int(np.prod(inputs.shape[1:])) * inputs.dtype.itemsize + 4  # an example and its label
-    data = n * (max(map(len, parts)) + max(map(len, test_parts), default=0)) * row
-    _, one = jax.eval_shape(lambda k: algorithm.init(k, 1), rng.key(config.seed, Stream.INIT))
-    state = n * sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(one))
-    memory = device_memory_bytes(mesh.devices.flat[0])
-    mode = choose_mode(config.population.mode, n, data + state, memory)
-    if mode == "device" and data + state > memory:
-        raise ConfigError(f"config.population.mode = {config.population.mode!r}: {n} clients' padded data and states "
-                          f"need {storage.human(data + state)} on each device, which has {storage.human(memory)}: "
-                          "use population.mode=streamed (or auto)")
-    return mode
 
 
 def eval_ids(seed: int, num_clients: int, sample: int) -> np.ndarray | None:
